@@ -1,0 +1,98 @@
+"""From uint8 images to model inputs, on device, and epoch index plans on the host.
+
+Images stay uint8 on device; preprocessing (scale, normalise, resize, augment) runs inside the
+jitted epoch so the host only ships index arrays. Every batch has the full batch size: the short
+last batch of an epoch is padded and carries a 0/1 `mask`, which the losses and BatchNorm honour,
+so the computation equals PyTorch's on the short batch while shapes (and compiles) stay fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """How uint8 `[H, W, C]` images become model inputs.
+
+    mean/std: per-channel normalisation after scaling to [0, 1] (MNIST-like: none, as the
+      reference's `ToTensor()`; CIFAR: ImageNet statistics).
+    resize: square output size (224 for the ImageNet-stem ResNet18), or None.
+    augment: random horizontal flip and random crop (pad 4) for training batches.
+    """
+
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    resize: int | None = None
+    augment: bool = False
+
+    def input_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        h, w, c = image_shape
+        return (self.resize, self.resize, c) if self.resize else (h, w, c)
+
+
+def input_spec_for(dataset: str, model: str) -> InputSpec:
+    """The reference's transforms for a dataset/model pair."""
+    if dataset in ("cifar10", "cifar100"):
+        return InputSpec(
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            resize=224 if model == "resnet18" else None,
+            augment=True,
+        )
+    return InputSpec()
+
+
+def _augment_one(key: jax.Array, image: jax.Array) -> jax.Array:
+    flip_key, crop_key = jax.random.split(key)
+    image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
+    h, w, _ = image.shape
+    padded = jnp.pad(image, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    dy, dx = jax.random.randint(crop_key, (2,), 0, 9)
+    return jax.lax.dynamic_slice(padded, (dy, dx, 0), image.shape)
+
+
+def preprocess(
+    images: jax.Array, spec: InputSpec, *, augment_keys: jax.Array | None = None
+) -> jax.Array:
+    """uint8 `[b, H, W, C]` -> float32 `[b, H', W', C]`; `augment_keys` (`[b]` keys) enables
+    augmentation (only when `spec.augment`)."""
+    x = images.astype(jnp.float32) / 255.0
+    if spec.augment and augment_keys is not None:
+        x = jax.vmap(_augment_one)(augment_keys, x)
+    if spec.resize:
+        b, _, _, c = x.shape
+        x = jax.image.resize(x, (b, spec.resize, spec.resize, c), "bilinear")
+    mean = jnp.asarray(spec.mean, jnp.float32)
+    std = jnp.asarray(spec.std, jnp.float32)
+    return (x - mean) / std
+
+
+def item_keys(key: jax.Array, item_ids: jax.Array) -> jax.Array:
+    """One key per item id: a fixed augmentation per item."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(item_ids)
+
+
+def pad_to_batches(order: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`order` `[n]` -> `(ids [steps, batch], mask [steps, batch])`, steps = ceil(n / batch)."""
+    n = order.shape[0]
+    steps = -(-n // batch_size)
+    ids = np.zeros(steps * batch_size, np.int32)
+    ids[:n] = order
+    mask = np.zeros(steps * batch_size, np.float32)
+    mask[:n] = 1.0
+    return ids.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+def shuffled_batches(
+    n: int, batch_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch of a shuffled `DataLoader(batch_size, drop_last=False)` over `n` items."""
+    return pad_to_batches(rng.permutation(n).astype(np.int32), batch_size)

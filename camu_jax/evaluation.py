@@ -1,0 +1,86 @@
+"""Evaluating a model: batched eval-mode predictions and the reference's five accuracies.
+
+Attack-style metrics (membership inference, gaps to the retrained model) live in
+`camu_jax.metrics`, which works on the host arrays produced here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from camu_jax import sharding
+from camu_jax.data.pipeline import InputSpec, pad_to_batches, preprocess
+from camu_jax.data.splits import Splits
+from camu_jax.steps import apply_model
+
+
+@functools.lru_cache(maxsize=16)
+def _logits_fn(model: nn.Module, spec: InputSpec):
+    @jax.jit
+    def run(variables, images, ids):
+        x = preprocess(images[ids], spec)
+        logits, _, _ = apply_model(
+            model, variables["params"], variables["batch_stats"], x, train=False
+        )
+        return logits
+
+    return run
+
+
+def predict_logits(
+    model: nn.Module,
+    variables: dict,
+    images: jax.Array,
+    *,
+    spec: InputSpec,
+    mesh: Mesh,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Eval-mode logits `[n, classes]` for every image of `images` (`[n, H, W, C]` on device)."""
+    run = _logits_fn(model, spec)
+    n = images.shape[0]
+    bs = max(batch_size - batch_size % mesh.devices.size, mesh.devices.size)
+    ids, _ = pad_to_batches(np.arange(n, dtype=np.int32), bs)
+    out = [np.asarray(run(variables, images, sharding.shard_batch(i, mesh))) for i in ids]
+    return np.concatenate(out)[:n]
+
+
+def _acc(pred: np.ndarray, labels: np.ndarray) -> float:
+    return float(100.0 * np.mean(pred == labels)) if labels.size else float("nan")
+
+
+def reference_accuracies(
+    *,
+    train_logits: np.ndarray,
+    train_labels: np.ndarray,
+    test_logits: np.ndarray,
+    test_labels: np.ndarray,
+    splits: Splits,
+    forget_classes: tuple[int, ...] | None,
+) -> dict[str, float]:
+    """The reference's five accuracies, in percent.
+
+    remain_train_acc (D_r), forget_train_acc (D_f), test_acc (all test), test_remain_acc and
+    test_forget_acc (test items outside / inside the forgotten classes; for random removal,
+    where no class is forgotten, both are the plain test accuracy's complement and NaN).
+    """
+    train_pred = train_logits.argmax(-1)
+    test_pred = test_logits.argmax(-1)
+    out = {
+        "remain_train_acc": _acc(train_pred[splits.remain], train_labels[splits.remain]),
+        "forget_train_acc": _acc(train_pred[splits.forget], train_labels[splits.forget]),
+        "test_acc": _acc(test_pred, test_labels),
+    }
+    if forget_classes:
+        in_forget = np.isin(test_labels, forget_classes)
+        out["test_remain_acc"] = _acc(test_pred[~in_forget], test_labels[~in_forget])
+        out["test_forget_acc"] = _acc(test_pred[in_forget], test_labels[in_forget])
+    else:
+        out["test_remain_acc"] = out["test_acc"]
+        out["test_forget_acc"] = float("nan")
+    return out

@@ -1,0 +1,228 @@
+"""Pure, un-jitted steps: original training, the CaMU double step, evaluation.
+
+Each step is `(state, batch) -> (state, metrics)`; model, optimizers and loss coefficients are
+bound with `functools.partial` and the caller jits (with `donate_argnums=0`). Batches hold
+preprocessed float inputs `[batch, H, W, C]` and a 0/1 `mask` `[batch]` marking real examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import struct
+
+from camu_jax import losses
+
+PyTree = Any
+
+
+def adam_l2(learning_rate: float, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+    """PyTorch `Adam(lr, weight_decay)`: *coupled* L2 (added to the gradient before the
+    moments), not AdamW."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+        optax.scale(-learning_rate),
+    )
+
+
+class TrainState(struct.PyTreeNode):
+    """State of ordinary supervised training (the original and the retrained model)."""
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: optax.OptState
+
+
+class CamuState(struct.PyTreeNode):
+    """State of CaMU unlearning: one set of parameters, two optimizer states (step A, step B).
+
+    The frozen original model is *not* part of it: it is a separate, never-donated argument.
+    """
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    kl_opt_state: optax.OptState
+    ce_opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class CamuCoefficients:
+    """Loss weights of the reference: L_rep = 0.5/0.5, L_out = 0.9 (D_s) / 0.01 (D_f, y_cf)."""
+
+    rep_sample: float = 0.5
+    rep_forget: float = 0.5
+    out_sample: float = 0.9
+    out_forget: float = 0.01
+
+
+def apply_model(
+    model: nn.Module,
+    params: PyTree,
+    batch_stats: PyTree,
+    x: jax.Array,
+    *,
+    train: bool,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, PyTree]:
+    """Forward pass -> `(logits, embedding, batch_stats)`; train mode updates BatchNorm stats."""
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+        if train:
+            (logits, emb), updates = model.apply(
+                variables, x, train=True, mask=mask, mutable=["batch_stats"]
+            )
+            return logits, emb, updates["batch_stats"]
+    logits, emb = model.apply(variables, x, train=train, mask=mask)
+    return logits, emb, batch_stats
+
+
+def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
+    """`{'params', 'batch_stats'}` for inputs `[batch, *input_shape]` (batch_stats may be {})."""
+    variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def init_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+
+
+def init_camu_state(
+    variables: dict, kl_tx: optax.GradientTransformation, ce_tx: optax.GradientTransformation
+) -> CamuState:
+    """f_theta starts as a copy of the original model, with fresh optimizer states."""
+    params = jax.tree.map(jnp.array, variables["params"])
+    return CamuState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=jax.tree.map(jnp.array, variables["batch_stats"]),
+        kl_opt_state=kl_tx.init(params),
+        ce_opt_state=ce_tx.init(params),
+    )
+
+
+def _finite(metrics: dict) -> dict:
+    metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+    return metrics
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+) -> tuple[TrainState, dict]:
+    """One cross-entropy step. batch: `image [b,H,W,C]`, `label [b]`, `mask [b]`."""
+
+    def loss_fn(params):
+        logits, _, batch_stats = apply_model(
+            model, params, state.batch_stats, batch["image"], train=True, mask=batch["mask"]
+        )
+        loss = losses.cross_entropy_mean(
+            logits=logits, labels=batch["label"], weights=batch["mask"]
+        )
+        return loss, batch_stats
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, _finite({"loss": loss})
+
+
+def camu_step(
+    state: CamuState,
+    batch: dict,
+    *,
+    model: nn.Module,
+    kl_tx: optax.GradientTransformation,
+    ce_tx: optax.GradientTransformation,
+    coefficients: CamuCoefficients = CamuCoefficients(),
+) -> tuple[CamuState, dict]:
+    """The reference's two-optimizer double step.
+
+    batch (all `[b, ...]`): `x_f`, `x_s` (inputs), `y_s`, `y_cf` (labels), `z0_s`, `z0_cf`
+    (embeddings of the frozen original on x_s and x_cf), `mask_f`, `mask_s`.
+
+    Step A minimises L_rep with `kl_tx`; step B recomputes the forward pass on the parameters
+    step A produced and minimises L_out with `ce_tx`. Forward passes run in the reference's
+    order (A: x_s then x_f; B: x_f then x_s), which fixes how BatchNorm statistics evolve.
+    """
+    c = coefficients
+
+    def rep_loss(params):
+        _, z_s, bs = apply_model(
+            model, params, state.batch_stats, batch["x_s"], train=True, mask=batch["mask_s"]
+        )
+        _, z_f, bs = apply_model(model, params, bs, batch["x_f"], train=True, mask=batch["mask_f"])
+        loss = losses.representation_loss(
+            student_sample=z_s,
+            teacher_sample=batch["z0_s"],
+            student_forget=z_f,
+            teacher_counterfactual=batch["z0_cf"],
+            sample_weights=batch["mask_s"],
+            forget_weights=batch["mask_f"],
+            sample_coef=c.rep_sample,
+            forget_coef=c.rep_forget,
+        )
+        return loss, bs
+
+    (l_rep, batch_stats), grads = jax.value_and_grad(rep_loss, has_aux=True)(state.params)
+    updates, kl_opt_state = kl_tx.update(grads, state.kl_opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    def out_loss(params):
+        logits_f, _, bs = apply_model(
+            model, params, batch_stats, batch["x_f"], train=True, mask=batch["mask_f"]
+        )
+        logits_s, _, bs = apply_model(
+            model, params, bs, batch["x_s"], train=True, mask=batch["mask_s"]
+        )
+        loss = losses.output_loss(
+            sample_logits=logits_s,
+            sample_labels=batch["y_s"],
+            forget_logits=logits_f,
+            counterfactual_labels=batch["y_cf"],
+            sample_weights=batch["mask_s"],
+            forget_weights=batch["mask_f"],
+            sample_coef=c.out_sample,
+            forget_coef=c.out_forget,
+        )
+        return loss, bs
+
+    (l_out, batch_stats), grads = jax.value_and_grad(out_loss, has_aux=True)(params)
+    updates, ce_opt_state = ce_tx.update(grads, state.ce_opt_state, params)
+    params = optax.apply_updates(params, updates)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        kl_opt_state=kl_opt_state,
+        ce_opt_state=ce_opt_state,
+    )
+    return new_state, _finite({"loss_rep": l_rep, "loss_out": l_out})
+
+
+def eval_step(variables: dict, batch: dict, *, model: nn.Module) -> dict:
+    """Eval-mode forward: `logits [b, classes]`, `embedding [b, d]`, `correct [b]` (0/1 masked)."""
+    logits, emb, _ = apply_model(
+        model, variables["params"], variables["batch_stats"], batch["image"], train=False
+    )
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32) * batch["mask"]
+    return {"logits": logits, "embedding": emb, "correct": correct}
