@@ -22,8 +22,8 @@ from camu_jax.steps import apply_model
 @functools.lru_cache(maxsize=16)
 def _logits_fn(model: nn.Module, spec: InputSpec):
     @jax.jit
-    def run(variables, images, ids):
-        x = preprocess(images[ids], spec)
+    def run(variables, images, rows, ids):
+        x = preprocess(images[rows[ids]], spec)
         logits, _, _ = apply_model(
             model, variables["params"], variables["batch_stats"], x, train=False
         )
@@ -39,14 +39,23 @@ def predict_logits(
     *,
     spec: InputSpec,
     mesh: Mesh,
+    rows: np.ndarray | None = None,
     batch_size: int = 1024,
 ) -> np.ndarray:
-    """Eval-mode logits `[n, classes]` for every image of `images` (`[n, H, W, C]` on device)."""
+    """Eval-mode logits `[n, classes]` for `images[rows]` (default: every image).
+
+    `images` is `[N, H, W, C]` uint8 on device; batches are padded to `batch_size`, so one
+    compile serves every call with the same images.
+    """
     run = _logits_fn(model, spec)
-    n = images.shape[0]
+    rows = np.arange(images.shape[0]) if rows is None else np.asarray(rows)
+    n = rows.shape[0]
     bs = max(batch_size - batch_size % mesh.devices.size, mesh.devices.size)
     ids, _ = pad_to_batches(np.arange(n, dtype=np.int32), bs)
-    out = [np.asarray(run(variables, images, sharding.shard_batch(i, mesh))) for i in ids]
+    table = np.zeros(ids.size, np.int32)
+    table[:n] = rows
+    table = sharding.replicate(table, mesh)
+    out = [np.asarray(run(variables, images, table, sharding.shard_batch(i, mesh))) for i in ids]
     return np.concatenate(out)[:n]
 
 

@@ -9,6 +9,7 @@ exactly where the last complete epoch ended.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def train_model(
       meta: JSON description stored with (and checked against) the checkpoint.
       chunk_steps: steps per jitted call; `callback(global_step, variables)` runs after each.
 
-    Returns `(variables, info)` with info `{'epochs_run', 'resumed_from', 'losses'}`.
+    Returns `(variables, info)` with info `{'epochs_run', 'resumed_from', 'losses', 'seconds'}`.
+    A finished run in `checkpoint_dir` is restored and returned without training.
     """
     sharding.check_batch_size(batch_size, mesh)
     if len(items) == 0:
@@ -133,14 +135,13 @@ def train_model(
     tx = adam_l2(learning_rate, weight_decay)
     state = sharding.replicate(init_train_state(variables, tx), mesh)
     meta = dict(meta or {})
-    start = 0
+    start, seconds = 0, 0.0
     if checkpoint_dir is not None and checkpointing.latest_step(checkpoint_dir) is not None:
-        start, state, _ = checkpointing.restore(
-            checkpoint_dir,
-            abstract_state=checkpointing.abstract_like(state),
-            expected_meta={k: v for k, v in meta.items() if k != "epochs_done"},
+        start, state, saved = checkpointing.restore(
+            checkpoint_dir, abstract_state=checkpointing.abstract_like(state), expected_meta=meta
         )
-        start = min(start, epochs)
+        start, seconds = min(start, epochs), float(saved.get("seconds", 0.0))
+    t0 = time.perf_counter() - seconds
     run = make_train_chunk(model, tx, spec, mesh)
     # Plans index a full-length item table so that training on D and on D_r share one compile.
     n_total = images.shape[0]
@@ -175,9 +176,16 @@ def train_model(
             if callback is not None:
                 callback(epoch * steps_per_epoch + hi, state_variables(state))
         if checkpoint_dir is not None:
-            checkpointing.save(checkpoint_dir, epoch + 1, state, {**meta, "epochs_done": epoch + 1})
+            seconds = time.perf_counter() - t0
+            checkpointing.save(checkpoint_dir, epoch + 1, state, {**meta, "seconds": seconds})
+    jax.block_until_ready(state)
     bar.close()
-    info = {"epochs_run": epochs - start, "resumed_from": start, "losses": losses}
+    info = {
+        "epochs_run": epochs - start,
+        "resumed_from": start,
+        "losses": losses,
+        "seconds": time.perf_counter() - t0,  # Training time, earlier sessions' included.
+    }
     return state_variables(state), info
 
 

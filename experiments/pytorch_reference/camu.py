@@ -71,9 +71,7 @@ def camu_step(
     embedding3 = new_model(data)[1]
     embedding3 = F.log_softmax(embedding3, dim=1)
     embedding4 = F.softmax(embedding4, dim=1)
-    loss2 = c.rep_sample * _kl(embedding2, embedding1) + c.rep_forget * _kl(
-        embedding3, embedding4
-    )
+    loss2 = c.rep_sample * _kl(embedding2, embedding1) + c.rep_forget * _kl(embedding3, embedding4)
     optimizer1.zero_grad()
     loss2.backward()
     optimizer1.step()
@@ -156,15 +154,25 @@ def unlearn(
         sample_set, batch_size=batch_size, num_workers=num_workers, generator=gen
     )
     close_dataset = counterfactual_generation(
-        unlearn_loader, sample_loader, num_classes=num_classes, device=device, rng=rng,
+        unlearn_loader,
+        sample_loader,
+        num_classes=num_classes,
+        device=device,
+        rng=rng,
         generator=gen,
     )
     close_loader = make_loader(
         close_dataset, batch_size=batch_size, num_workers=num_workers, generator=gen
     )
     causal_effect_removal(
-        trained_model, new_model, close_loader, sample_loader,
-        epochs=epochs, kl_lr=kl_lr, impair_lr=impair_lr, device=device,
+        trained_model,
+        new_model,
+        close_loader,
+        sample_loader,
+        epochs=epochs,
+        kl_lr=kl_lr,
+        impair_lr=impair_lr,
+        device=device,
     )
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

@@ -1,0 +1,529 @@
+"""Optimizer, train/CaMU/eval steps and BatchNorm masking (`camu_jax.steps`, `camu_jax.models`).
+
+Compiling a step takes seconds on a busy CPU, so the tests share a few jitted functions with
+fixed shapes: the CNN on 8x8x1 inputs with batches of 8 (and 5 for the unpadded reference of
+the padding tests), and a small residual network built from the library's `BasicBlock` and
+`BatchNorm` for the BatchNorm padding test. The same test on the full ResNet18 (CIFAR stem,
+8x8 inputs) compiles for minutes on CPU; it runs only with CAMU_TEST_RESNET18=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from camu_jax import steps
+from camu_jax.models import CNN, BatchNorm, ResNet18, create_model
+from camu_jax.models.resnet import BasicBlock
+
+NUM_CLASSES = 5
+CNN_INPUT = (8, 8, 1)
+B = 8  # batch of the shared jitted steps
+B_SHORT = 5  # real examples in a padded batch
+KL_LR, CE_LR, WD = 4e-4, 1e-3, 1e-4
+
+CNN_MODEL = CNN(num_classes=NUM_CLASSES)
+KL_TX = steps.adam_l2(KL_LR, WD)
+CE_TX = steps.adam_l2(CE_LR, WD)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _random_variables(model: nn.Module, input_shape, seed: int) -> dict:
+    """Variables of `model` with the init's shapes but numpy values (no init compile):
+    He-uniform kernels, small biases, BatchNorm scales and running statistics off 0/1."""
+    shapes = jax.eval_shape(
+        lambda k: steps.init_variables(model, k, input_shape), jax.random.key(0)
+    )
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            bound = np.sqrt(6.0 / np.prod(leaf.shape[:-1]))
+            value = rng.uniform(-bound, bound, leaf.shape)
+        elif name in ("scale", "var"):
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:  # biases, BatchNorm bias and running mean
+            value = rng.uniform(-0.1, 0.1, leaf.shape)
+        return value.astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _camu_batch(rng, b: int, input_shape, emb_dim: int, *, real: int | None = None) -> dict:
+    """A CaMU batch; rows from `real` on are padding (mask 0) filled with large garbage."""
+    real = b if real is None else real
+    batch = {
+        "x_f": rng.normal(size=(b, *input_shape)),
+        "x_s": rng.normal(size=(b, *input_shape)),
+        "y_s": rng.integers(0, NUM_CLASSES, b),
+        "y_cf": rng.integers(0, NUM_CLASSES, b),
+        "z0_s": 2 * rng.normal(size=(b, emb_dim)),
+        "z0_cf": 2 * rng.normal(size=(b, emb_dim)),
+        "mask_f": (np.arange(b) < real),
+        "mask_s": (np.arange(b) < real),
+    }
+    for k in ("x_f", "x_s", "z0_s", "z0_cf"):
+        batch[k][real:] = 50.0 + 100.0 * rng.normal(size=batch[k][real:].shape)
+    return _typed(batch)
+
+
+def _train_batch(rng, b: int, input_shape, *, real: int | None = None) -> dict:
+    real = b if real is None else real
+    image = rng.normal(size=(b, *input_shape))
+    image[real:] = 50.0 + 100.0 * rng.normal(size=image[real:].shape)
+    return _typed(
+        {"image": image, "label": rng.integers(0, NUM_CLASSES, b), "mask": np.arange(b) < real}
+    )
+
+
+def _typed(batch: dict) -> dict:
+    """float32 inputs and masks, int32 labels: fixed dtypes, so no retracing."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = v.astype(np.int32) if k in ("y_s", "y_cf", "label") else v.astype(np.float32)
+    return out
+
+
+def _take(batch: dict, n: int) -> dict:
+    return {k: v[:n] for k, v in batch.items()}
+
+
+def _assert_same_structure(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+
+
+def _assert_tree_close(a, b, *, rtol, atol):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+def _np_adam_l2(params, grads_seq, *, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
+    """PyTorch `Adam(lr, weight_decay=wd)` in float64, one leaf: yields params after each step."""
+    p = np.asarray(params, np.float64)
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t, g in enumerate(grads_seq, start=1):
+        g = np.asarray(g, np.float64) + wd * p  # coupled L2
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+        yield p
+
+
+def _cnn_camu(state, batch):
+    return steps.camu_step(state, batch, model=CNN_MODEL, kl_tx=KL_TX, ce_tx=CE_TX)
+
+
+def _cnn_train(state, batch):
+    return steps.train_step(state, batch, model=CNN_MODEL, tx=CE_TX)
+
+
+_cnn_eval = jax.jit(functools.partial(steps.eval_step, model=CNN_MODEL))
+
+
+def state_variables(state) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+@pytest.fixture(scope="module")
+def cnn_variables():
+    return _random_variables(CNN_MODEL, CNN_INPUT, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cnn_camu(cnn_variables):
+    """The jitted CNN CaMU step for batches of B, shared by this module's tests; it fails if
+    any of them makes it retrace."""
+    chex.clear_trace_counter()
+    return jax.jit(chex.assert_max_traces(_cnn_camu, n=1))
+
+
+@pytest.fixture(scope="module")
+def cnn_train():
+    return jax.jit(chex.assert_max_traces(_cnn_train, n=1))
+
+
+@pytest.fixture(scope="module")
+def camu_state0(cnn_variables):
+    return steps.init_camu_state(cnn_variables, KL_TX, CE_TX)
+
+
+# ---------------------------------------------------------------------------- adam_l2
+
+
+def test_adam_l2_is_pytorch_adam_with_coupled_l2():
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(2, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    params["b"][1] = 0.5
+    grads_seq = [
+        {k: rng.normal(size=v.shape).astype(np.float32) * s for k, v in params.items()}
+        for s in (1.0, 0.1, 3.0)
+    ]
+    lr, wd = 1e-2, 0.05  # a large decay so that the coupled form is visible
+    tx = steps.adam_l2(lr, wd)
+    update = jax.jit(tx.update)
+    state, p = tx.init(params), params
+    jax_steps = []
+    for g in grads_seq:
+        updates, state = update(g, state, p)
+        p = optax.apply_updates(p, updates)
+        jax_steps.append(p)
+    for k in params:
+        expected = _np_adam_l2(params[k], [g[k] for g in grads_seq], lr=lr, wd=wd)
+        for step, (got, want) in enumerate(zip(jax_steps, expected, strict=True)):
+            np.testing.assert_allclose(
+                np.asarray(got[k]), want, rtol=1e-5, atol=1e-7, err_msg=f"{k} step {step}"
+            )
+
+    # First step by hand: m_hat = g', v_hat = g'^2, so the update is lr * g' / (|g'| + eps).
+    g1 = grads_seq[0]["w"].astype(np.float64) + wd * params["w"]
+    by_hand = params["w"] - lr * g1 / (np.abs(g1) + 1e-8)
+    np.testing.assert_allclose(np.asarray(jax_steps[0]["w"]), by_hand, rtol=1e-5)
+
+    # Not AdamW: decoupled decay would give a different first step.
+    adamw = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
+    u, _ = adamw.update(grads_seq[0], adamw.init(params), params)
+    assert not np.allclose(np.asarray(optax.apply_updates(params, u)["w"]), by_hand, rtol=1e-4)
+
+
+def test_adam_l2_default_weight_decay():
+    # Default weight decay is the reference's 1e-4: zero gradient, first step moves by
+    # lr * sign(p) up to eps.
+    p = {"w": np.array([0.5, -2.0, 1e-2], np.float32)}
+    tx = steps.adam_l2(1e-3)
+    u, _ = tx.update({"w": np.zeros(3, np.float32)}, tx.init(p), p)
+    expected = -1e-3 * (1e-4 * p["w"]) / (np.abs(1e-4 * p["w"]) + 1e-8)
+    np.testing.assert_allclose(np.asarray(u["w"]), expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- train_step
+
+
+def test_train_step_structure_metrics_no_retrace(cnn_variables, cnn_train):
+    tx = CE_TX
+    state = steps.init_train_state(cnn_variables, tx)
+    assert int(state.step) == 0 and state.step.dtype == jnp.int32
+    rng = np.random.default_rng(1)
+    first_loss = None
+    for i in range(4):  # new data every step, some with padding
+        batch = _train_batch(rng, B, CNN_INPUT, real=B - i)
+        new, metrics = cnn_train(state, batch)
+        _assert_same_structure(new, state)
+        assert int(new.step) == i + 1
+        assert set(metrics) == {"loss", "finite"}
+        assert all(v.shape == () for v in metrics.values())
+        assert metrics["finite"].dtype == jnp.bool_ and bool(metrics["finite"])
+        assert metrics["loss"].dtype == jnp.float32 and float(metrics["loss"]) > 0
+        if first_loss is None:
+            first_loss = float(metrics["loss"])
+            # The loss is the masked cross-entropy of the model before the step.
+            logits = np.asarray(_cnn_eval(state_variables(state), batch)["logits"], np.float64)
+            log_p = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+            np.testing.assert_allclose(
+                first_loss, -np.mean(log_p[np.arange(B), batch["label"]]), rtol=1e-5
+            )
+        assert not np.array_equal(
+            np.asarray(new.params["fc3"]["kernel"]), np.asarray(state.params["fc3"]["kernel"])
+        )
+        state = new
+    assert state.batch_stats == {}
+
+
+def test_train_step_nan_input_is_not_finite(cnn_variables, cnn_train):
+    state = steps.init_train_state(cnn_variables, CE_TX)
+    batch = _train_batch(np.random.default_rng(2), B, CNN_INPUT)
+    batch["image"][3, 2, 2, 0] = np.nan
+    _, metrics = cnn_train(state, batch)
+    assert not bool(metrics["finite"])
+    assert np.isnan(float(metrics["loss"]))
+
+
+# ---------------------------------------------------------------------------- camu_step
+
+
+def test_camu_step_structure_metrics_no_retrace(camu_state0, cnn_camu):
+    state = camu_state0
+    assert int(state.step) == 0
+    rng = np.random.default_rng(3)
+    for i in range(4):  # new data every step, some with padding
+        batch = _camu_batch(rng, B, CNN_INPUT, 256, real=B - 2 * (i % 2))
+        new, metrics = cnn_camu(state, batch)
+        _assert_same_structure(new, state)
+        assert int(new.step) == i + 1
+        assert set(metrics) == {"loss_rep", "loss_out", "finite"}
+        assert all(v.shape == () for v in metrics.values())
+        assert metrics["finite"].dtype == jnp.bool_ and bool(metrics["finite"])
+        assert float(metrics["loss_rep"]) > 0 and float(metrics["loss_out"]) > 0
+        # Both optimizer states advance once per step.
+        for opt_state in (new.kl_opt_state, new.ce_opt_state):
+            assert int(opt_state[1].count) == i + 1
+        state = new
+    # The first step's params were not modified in place (no donation here).
+    assert int(camu_state0.step) == 0
+
+
+def test_init_camu_state_copies_the_original(cnn_variables):
+    state = steps.init_camu_state(cnn_variables, KL_TX, CE_TX)
+    _assert_same_structure(state.params, cnn_variables["params"])
+    for a, b in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(cnn_variables["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(state.kl_opt_state[1].count) == 0 and int(state.ce_opt_state[1].count) == 0
+
+
+@pytest.mark.parametrize("where", ["x_f", "x_s", "z0_cf"])
+def test_camu_step_nan_input_is_not_finite(camu_state0, cnn_camu, where):
+    batch = _camu_batch(np.random.default_rng(4), B, CNN_INPUT, 256)
+    batch[where][1] = np.nan
+    _, metrics = cnn_camu(camu_state0, batch)
+    assert not bool(metrics["finite"])
+
+
+def test_camu_step_is_deterministic(camu_state0, cnn_camu):
+    batch = _camu_batch(np.random.default_rng(5), B, CNN_INPUT, 256, real=6)
+    a, ma = cnn_camu(camu_state0, batch)
+    b, mb = cnn_camu(camu_state0, batch)
+    for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _decay_only(params, *, lr_a, lr_b, steps_: int):
+    """Params after `steps_` CaMU steps whose losses have zero gradient: two Adam-L2 updates
+    per step, with the kl and ce moments accumulating separately."""
+
+    def leaf(p):
+        p = np.asarray(p, np.float64)
+        m_a = v_a = m_b = v_b = 0.0
+        for t in range(1, steps_ + 1):
+            for which in "ab":
+                lr = lr_a if which == "a" else lr_b
+                g = WD * p
+                if which == "a":
+                    m_a, v_a = 0.9 * m_a + 0.1 * g, 0.999 * v_a + 0.001 * g * g
+                    m, v = m_a, v_a
+                else:
+                    m_b, v_b = 0.9 * m_b + 0.1 * g, 0.999 * v_b + 0.001 * g * g
+                    m, v = m_b, v_b
+                p = p - lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        return p
+
+    return jax.tree.map(leaf, params)
+
+
+def test_camu_step_zero_coefficients_only_decays(camu_state0):
+    zero = steps.CamuCoefficients(rep_sample=0.0, rep_forget=0.0, out_sample=0.0, out_forget=0.0)
+    step = jax.jit(
+        functools.partial(
+            steps.camu_step, model=CNN_MODEL, kl_tx=KL_TX, ce_tx=CE_TX, coefficients=zero
+        )
+    )
+    rng = np.random.default_rng(6)
+    state = camu_state0
+    for _ in range(2):
+        state, metrics = step(state, _camu_batch(rng, B_SHORT, CNN_INPUT, 256))
+        assert float(metrics["loss_rep"]) == 0.0 and float(metrics["loss_out"]) == 0.0
+        assert bool(metrics["finite"])
+    expected = _decay_only(camu_state0.params, lr_a=KL_LR, lr_b=CE_LR, steps_=2)
+    _assert_tree_close(state.params, expected, rtol=1e-5, atol=1e-8)
+    assert int(state.step) == 2
+
+
+def test_camu_step_all_padding_only_decays(camu_state0, cnn_camu):
+    # The same with default coefficients and a batch that is all padding: masked losses are
+    # 0 with 0 gradient, so again only the coupled decay moves the params.
+    batch = _camu_batch(np.random.default_rng(7), B, CNN_INPUT, 256, real=0)
+    state, metrics = cnn_camu(camu_state0, batch)
+    assert float(metrics["loss_rep"]) == 0.0 and float(metrics["loss_out"]) == 0.0
+    expected = _decay_only(camu_state0.params, lr_a=KL_LR, lr_b=CE_LR, steps_=1)
+    _assert_tree_close(state.params, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_camu_step_padded_batch_equals_short_batch_cnn(camu_state0, cnn_camu):
+    padded = _camu_batch(np.random.default_rng(8), B, CNN_INPUT, 256, real=B_SHORT)
+    short = _take(padded, B_SHORT)
+    assert np.abs(padded["x_f"][B_SHORT:]).max() > 10  # garbage in the padding rows
+    got, m_got = cnn_camu(camu_state0, padded)
+    want, m_want = jax.jit(_cnn_camu)(camu_state0, short)
+    _assert_tree_close(got.params, want.params, rtol=1e-6, atol=1e-7)
+    _assert_tree_close(got.kl_opt_state, want.kl_opt_state, rtol=1e-5, atol=1e-9)
+    _assert_tree_close(got.ce_opt_state, want.ce_opt_state, rtol=1e-5, atol=1e-9)
+    for k in ("loss_rep", "loss_out"):
+        np.testing.assert_allclose(float(m_got[k]), float(m_want[k]), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- BatchNorm
+
+
+class _TinyResNet(nn.Module):
+    """CIFAR-style stem + two library BasicBlocks (one with the strided downsample branch)."""
+
+    num_classes: int = NUM_CLASSES
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False, mask=None):
+        x = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv1")(x)
+        x = nn.relu(BatchNorm(name="bn1")(x, train=train, mask=mask))
+        x = BasicBlock(8, 1, name="layer1")(x, train=train, mask=mask)
+        x = BasicBlock(16, 2, name="layer2")(x, train=train, mask=mask)
+        embedding = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="fc")(embedding), embedding
+
+
+_RESNET18 = pytest.param(
+    "resnet18",
+    marks=pytest.mark.skipif(
+        os.environ.get("CAMU_TEST_RESNET18") != "1",
+        reason="compiles for minutes on CPU; set CAMU_TEST_RESNET18=1",
+    ),
+)
+
+
+@pytest.mark.parametrize("name", ["tiny_resnet", _RESNET18])
+def test_camu_step_padded_batch_equals_short_batch_batchnorm(name):
+    if name == "tiny_resnet":
+        model, emb = _TinyResNet(), 16
+    else:
+        model, emb = ResNet18(num_classes=NUM_CLASSES, stem="cifar"), 512
+    input_shape = (8, 8, 3)
+    variables = _random_variables(model, input_shape, seed=9)
+    assert variables["batch_stats"]
+    state = steps.init_camu_state(variables, KL_TX, CE_TX)
+    step = jax.jit(functools.partial(steps.camu_step, model=model, kl_tx=KL_TX, ce_tx=CE_TX))
+    padded = _camu_batch(np.random.default_rng(10), B, input_shape, emb, real=B_SHORT)
+    got, m_got = step(state, padded)
+    want, m_want = step(state, _take(padded, B_SHORT))
+    assert bool(m_got["finite"]) and bool(m_want["finite"])
+    _assert_tree_close(got.params, want.params, rtol=1e-5, atol=1e-5)
+    _assert_tree_close(got.batch_stats, want.batch_stats, rtol=1e-5, atol=1e-5)
+    for k in ("loss_rep", "loss_out"):
+        np.testing.assert_allclose(float(m_got[k]), float(m_want[k]), rtol=1e-5)
+    # The running statistics did move (four train-mode passes per step).
+    moved = jax.tree.map(
+        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+        got.batch_stats,
+        state.batch_stats,
+    )
+    assert min(jax.tree.leaves(moved)) > 0
+
+
+@functools.partial(jax.jit, static_argnames="train")
+def _bn_apply(variables, x, mask, *, train):
+    return BatchNorm().apply(variables, x, train=train, mask=mask, mutable=["batch_stats"])
+
+
+@pytest.fixture(scope="module")
+def bn_case():
+    rng = np.random.default_rng(11)
+    c = 4
+    x = rng.normal(size=(6, 3, 3, c)).astype(np.float32) * 2 + 1
+    x[4:] = 1e3 * rng.normal(size=x[4:].shape)  # padding rows: garbage
+    mask = np.array([1, 1, 1, 1, 0, 0], np.float32)
+    variables = {
+        "params": {
+            "scale": rng.uniform(0.5, 2, c).astype(np.float32),
+            "bias": rng.normal(size=c).astype(np.float32),
+        },
+        "batch_stats": {
+            "mean": rng.normal(size=c).astype(np.float32),
+            "var": rng.uniform(0.5, 2, c).astype(np.float32),
+        },
+    }
+    return x, mask, variables
+
+
+def test_batchnorm_masked_statistics_match_numpy(bn_case):
+    x, mask, variables = bn_case
+    y, updates = _bn_apply(variables, x, mask, train=True)
+    kept = x[mask > 0].reshape(-1, x.shape[-1]).astype(np.float64)  # 4 * 3 * 3 values each
+    mean, var_biased, var_unbiased = kept.mean(0), kept.var(0), kept.var(0, ddof=1)
+    stats = variables["batch_stats"]
+    np.testing.assert_allclose(
+        np.asarray(updates["batch_stats"]["mean"]), 0.9 * stats["mean"] + 0.1 * mean, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(updates["batch_stats"]["var"]),
+        0.9 * stats["var"] + 0.1 * var_unbiased,
+        rtol=1e-5,
+    )
+    # The output is normalised with the biased variance (as PyTorch), padding rows included.
+    p = variables["params"]
+    expected = (x - mean) / np.sqrt(var_biased + 1e-5) * p["scale"] + p["bias"]
+    np.testing.assert_allclose(np.asarray(y)[:4], expected[:4], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y)[4:], expected[4:], rtol=1e-4)
+    # Same as the unpadded batch.
+    y_short, updates_short = _bn_apply(variables, x[:4], None, train=True)
+    np.testing.assert_allclose(np.asarray(y_short), np.asarray(y)[:4], rtol=1e-5, atol=1e-5)
+    _assert_tree_close(updates_short, updates, rtol=1e-5, atol=1e-7)
+
+
+def test_batchnorm_eval_uses_running_statistics(bn_case):
+    x, mask, variables = bn_case
+    y, updates = _bn_apply(variables, x, mask, train=False)
+    stats, p = variables["batch_stats"], variables["params"]
+    expected = (x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * p["scale"] + p["bias"]
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-4)
+    _assert_tree_close(updates["batch_stats"], stats, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- eval_step
+
+
+def test_eval_step_correct_respects_mask(cnn_variables):
+    evaluate = _cnn_eval
+    rng = np.random.default_rng(12)
+    batch = _train_batch(rng, B, CNN_INPUT)
+    out = evaluate(cnn_variables, batch)
+    assert out["logits"].shape == (B, NUM_CLASSES)
+    assert out["embedding"].shape == (B, 256)
+    pred = np.argmax(np.asarray(out["logits"]), -1)
+    batch["label"] = np.where(np.arange(B) < 6, pred, (pred + 1) % NUM_CLASSES).astype(np.int32)
+    batch["mask"] = np.array([1, 0, 1, 1, 0, 1, 1, 0], np.float32)
+    out = evaluate(cnn_variables, batch)
+    correct = np.asarray(out["correct"])
+    assert correct.dtype == np.float32
+    np.testing.assert_array_equal(correct, [1, 0, 1, 1, 0, 1, 0, 0])
+
+
+def test_apply_model_without_batch_stats_returns_them_unchanged(cnn_variables):
+    x = jax.ShapeDtypeStruct((2, *CNN_INPUT), jnp.float32)
+    for train in (False, True):
+        logits, emb, stats = jax.eval_shape(
+            functools.partial(steps.apply_model, CNN_MODEL, train=train),
+            cnn_variables["params"],
+            {},
+            x,
+        )
+        assert logits.shape == (2, NUM_CLASSES) and emb.shape == (2, 256) and stats == {}
+
+
+# ---------------------------------------------------------------------------- create_model
+
+
+def test_create_model():
+    assert create_model("cnn", num_classes=7) == CNN(num_classes=7)
+    assert create_model("resnet18", num_classes=3) == ResNet18(num_classes=3, stem="imagenet")
+    assert create_model("resnet18_cifar", num_classes=3) == ResNet18(num_classes=3, stem="cifar")
+    with pytest.raises(ValueError, match=r"unknown model 'vgg'.*cnn, resnet18, resnet18_cifar"):
+        create_model("vgg", num_classes=3)
