@@ -94,10 +94,10 @@ def restore(
             restored = mngr.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # Orbax/TensorStore raise many types for unreadable data.
             raise CheckpointMismatchError(
-                f"checkpoint {directory} step {step} has a different structure or shape than "
-                f"the requested state: {e}"
+                f"checkpoint {directory} step {step} cannot be restored as the requested state "
+                f"(corrupt, or a different structure/shape): {type(e).__name__}: {e}"
             ) from e
     state = restored["state"]
     _check_shapes(state, abstract_state, directory)

@@ -230,11 +230,13 @@ class Experiment:
         return {"batches": batches, "gap": gaps}
 
     # -- one run --------------------------------------------------------------------------
-    def run_one(self, seed: int, forget_classes, spec, original: dict, original_seconds: float):
-        c = self.config
-        splits = make_splits(
+    def splits(self, seed: int, spec) -> Splits:
+        return make_splits(
             self.data.train_labels, spec, seed=seed, num_classes=self.data.num_classes
         )
+
+    def run_one(self, seed: int, forget_classes, splits: Splits, original: dict, original_seconds):
+        c = self.config
         tag = "all" if forget_classes is None else "-".join(map(str, forget_classes))
         run_name = f"{c.scenario}-{tag}-seed{seed}"
         _save_npz(self.workdir / "splits" / f"{run_name}.npz", splits.to_arrays())
@@ -300,6 +302,11 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     """Runs every seed and forget set of `config`; writes `results.json` and the reports
     (atomically, after every run) into `config.workdir`; returns the results dict."""
     exp = Experiment(config)
+    # Every split is built (and so validated) before anything is trained or written.
+    plan = {
+        seed: [(classes, exp.splits(seed, spec)) for classes, spec in config.forget_specs()]
+        for seed in config.seeds
+    }
     workdir = exp.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     results = {
@@ -322,9 +329,9 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
                 "restored": oinfo["epochs_run"] == 0,
             }
         )
-        for forget_classes, spec in config.forget_specs():
+        for forget_classes, splits in plan[seed]:
             t = time.perf_counter()
-            run = exp.run_one(seed, forget_classes, spec, original, oinfo["seconds"])
+            run = exp.run_one(seed, forget_classes, splits, original, oinfo["seconds"])
             phases.append(
                 {"phase": f"run {forget_classes} seed {seed}", "seconds": time.perf_counter() - t}
             )

@@ -193,7 +193,7 @@ def test_adam_l2_is_pytorch_adam_with_coupled_l2():
         expected = _np_adam_l2(params[k], [g[k] for g in grads_seq], lr=lr, wd=wd)
         for step, (got, want) in enumerate(zip(jax_steps, expected, strict=True)):
             np.testing.assert_allclose(
-                np.asarray(got[k]), want, rtol=1e-5, atol=1e-7, err_msg=f"{k} step {step}"
+                np.asarray(got[k]), want, rtol=1e-5, atol=1e-4 * lr, err_msg=f"{k} step {step}"
             )
 
     # First step by hand: m_hat = g', v_hat = g'^2, so the update is lr * g' / (|g'| + eps).
@@ -309,6 +309,11 @@ def test_camu_step_is_deterministic(camu_state0, cnn_camu):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# optax forms Adam's bias corrections in float32 (1 - 0.999 is off by ~1e-5 relative), so each
+# update carries a relative error ~1e-5: compare to float64 within a fraction of a step (lr).
+DECAY_ATOL = 1e-4 * CE_LR
+
+
 def _decay_only(params, *, lr_a, lr_b, steps_: int):
     """Params after `steps_` CaMU steps whose losses have zero gradient: two Adam-L2 updates
     per step, with the kl and ce moments accumulating separately."""
@@ -346,7 +351,7 @@ def test_camu_step_zero_coefficients_only_decays(camu_state0):
         assert float(metrics["loss_rep"]) == 0.0 and float(metrics["loss_out"]) == 0.0
         assert bool(metrics["finite"])
     expected = _decay_only(camu_state0.params, lr_a=KL_LR, lr_b=CE_LR, steps_=2)
-    _assert_tree_close(state.params, expected, rtol=1e-5, atol=1e-8)
+    _assert_tree_close(state.params, expected, rtol=1e-5, atol=DECAY_ATOL)
     assert int(state.step) == 2
 
 
@@ -357,7 +362,7 @@ def test_camu_step_all_padding_only_decays(camu_state0, cnn_camu):
     state, metrics = cnn_camu(camu_state0, batch)
     assert float(metrics["loss_rep"]) == 0.0 and float(metrics["loss_out"]) == 0.0
     expected = _decay_only(camu_state0.params, lr_a=KL_LR, lr_b=CE_LR, steps_=1)
-    _assert_tree_close(state.params, expected, rtol=1e-5, atol=1e-8)
+    _assert_tree_close(state.params, expected, rtol=1e-5, atol=DECAY_ATOL)
 
 
 def test_camu_step_padded_batch_equals_short_batch_cnn(camu_state0, cnn_camu):
