@@ -127,6 +127,11 @@ def _mask(n: int, size: int) -> np.ndarray:
     return (np.arange(size) < n).astype(np.float32)
 
 
+def _torch_dtype(variables: dict):
+    dtype = jax.tree.leaves(variables["params"])[0].dtype
+    return torch.float64 if dtype == np.float64 else torch.float32
+
+
 def _nchw(x: np.ndarray):
     # A fresh C-order copy: canonical NCHW strides, as a DataLoader batch has.
     return torch.from_numpy(np.array(x.transpose(0, 3, 1, 2), order="C", copy=True))
@@ -203,6 +208,7 @@ def _run_jax_camu(name, original, batches, batch_size, coefficients) -> list[dic
 
 def _run_torch_camu(name, original, batches, coefficients) -> list[dict]:
     teacher = torch_models.create_model(name, num_classes=NUM_CLASSES)
+    teacher.to(_torch_dtype(original))
     convert.flax_to_torch(original, teacher)
     new = copy.deepcopy(teacher)
     teacher.eval()
