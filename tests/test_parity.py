@@ -35,7 +35,7 @@ from experiments.pytorch_reference import train as torch_train  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-KL_LR, IMPAIR_LR, TRAIN_LR = 4e-4, 1e-3, 1e-3
+KL_LR, IMPAIR_LR, TRAIN_LR = 1e-5, 5e-5, 1e-3
 LOSS_RTOL = 1e-4
 RTOL, ATOL = 1e-4, 1e-5
 NUM_CLASSES = 10

@@ -33,7 +33,8 @@ B_SHORT = 5  # real examples in a padded batch
 KL_LR, CE_LR, WD = 4e-4, 1e-3, 1e-4
 
 CNN_MODEL = CNN(num_classes=NUM_CLASSES)
-DEFAULT = np.array([0.5, 0.5, 0.9, 0.01], np.float32)  # CamuCoefficients() as an array
+DEFAULT_COEFFICIENTS = (0.5, 0.5, 0.9, 0.01)  # the reference's (= CamuCoefficients())
+DEFAULT = np.array(DEFAULT_COEFFICIENTS, np.float32)
 ZERO = np.zeros(4, np.float32)
 
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -143,8 +144,9 @@ def _np_adam_l2(params, grads_seq, *, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
         yield p
 
 
-def _cnn_camu(state, batch, coefficients=DEFAULT):
-    """`camu_step` with the coefficients (rep_sample, rep_forget, out_sample, out_forget) traced."""
+def _cnn_camu(state, batch, coefficients):
+    """`camu_step` with the coefficients (rep_sample, rep_forget, out_sample, out_forget) as a
+    traced `[4]` array, so that one compilation serves all of them."""
     return steps.camu_step(
         state,
         batch,
@@ -288,7 +290,7 @@ def test_camu_step_structure_metrics_no_retrace(camu_state0, cnn_camu):
     rng = np.random.default_rng(3)
     for i in range(4):  # new data every step, some with padding
         batch = _camu_batch(rng, B, CNN_INPUT, 256, real=B - 2 * (i % 2))
-        new, metrics = cnn_camu(state, batch)
+        new, metrics = cnn_camu(state, batch, DEFAULT)
         _assert_same_structure(new, state)
         assert int(new.step) == i + 1
         assert set(metrics) == {"loss_rep", "loss_out", "finite"}
@@ -317,14 +319,14 @@ def test_init_camu_state_copies_the_original(cnn_variables):
 def test_camu_step_nan_input_is_not_finite(camu_state0, cnn_camu, where):
     batch = _camu_batch(np.random.default_rng(4), B, CNN_INPUT, 256)
     batch[where][1] = np.nan
-    _, metrics = cnn_camu(camu_state0, batch)
+    _, metrics = cnn_camu(camu_state0, batch, DEFAULT)
     assert not bool(metrics["finite"])
 
 
 def test_camu_step_is_deterministic(camu_state0, cnn_camu):
     batch = _camu_batch(np.random.default_rng(5), B, CNN_INPUT, 256, real=6)
-    a, ma = cnn_camu(camu_state0, batch)
-    b, mb = cnn_camu(camu_state0, batch)
+    a, ma = cnn_camu(camu_state0, batch, DEFAULT)
+    b, mb = cnn_camu(camu_state0, batch, DEFAULT)
     for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -358,7 +360,7 @@ def _decay_only(params, *, lr_a, lr_b, steps_: int):
 
 
 def test_camu_coefficients_defaults():
-    assert steps.CamuCoefficients() == steps.CamuCoefficients(*DEFAULT.tolist())
+    assert steps.CamuCoefficients() == steps.CamuCoefficients(*DEFAULT_COEFFICIENTS)
     c = steps.CamuCoefficients()
     assert (c.rep_sample, c.rep_forget, c.out_sample, c.out_forget) == (0.5, 0.5, 0.9, 0.01)
 
@@ -379,7 +381,7 @@ def test_camu_step_all_padding_only_decays(camu_state0, cnn_camu):
     # The same with default coefficients and a batch that is all padding: masked losses are
     # 0 with 0 gradient, so again only the coupled decay moves the params.
     batch = _camu_batch(np.random.default_rng(7), B, CNN_INPUT, 256, real=0)
-    state, metrics = cnn_camu(camu_state0, batch)
+    state, metrics = cnn_camu(camu_state0, batch, DEFAULT)
     assert float(metrics["loss_rep"]) == 0.0 and float(metrics["loss_out"]) == 0.0
     expected = _decay_only(camu_state0.params, lr_a=KL_LR, lr_b=CE_LR, steps_=1)
     _assert_tree_close(state.params, expected, rtol=1e-5, atol=DECAY_ATOL)
@@ -394,9 +396,7 @@ def _assert_step_close(got, want):
     _assert_tree_close(s_got.params, s_want.params, rtol=1e-5, scaled_atol=2e-6)
     _assert_tree_close(s_got.batch_stats, s_want.batch_stats, rtol=1e-5, scaled_atol=1e-5)
     for opt in ("kl_opt_state", "ce_opt_state"):
-        _assert_tree_close(
-            getattr(s_got, opt), getattr(s_want, opt), rtol=1e-4, scaled_atol=1e-5
-        )
+        _assert_tree_close(getattr(s_got, opt), getattr(s_want, opt), rtol=1e-4, scaled_atol=1e-5)
     for k in ("loss_rep", "loss_out"):
         np.testing.assert_allclose(float(m_got[k]), float(m_want[k]), rtol=1e-5)
     assert bool(m_got["finite"]) and bool(m_want["finite"])
@@ -408,7 +408,9 @@ def test_camu_step_padded_batch_equals_short_batch_cnn(camu_state0, cnn_camu):
     assert np.abs(padded["x_f"][5:]).max() > 10 and np.abs(padded["z0_s"][4:]).max() > 10
     short = _take(padded, 5, 4)
     assert short["x_f"].shape[0] == 5 and short["y_s"].shape[0] == 4
-    _assert_step_close(cnn_camu(camu_state0, padded), jit(_cnn_camu)(camu_state0, short))
+    _assert_step_close(
+        cnn_camu(camu_state0, padded, DEFAULT), jit(_cnn_camu)(camu_state0, short, DEFAULT)
+    )
 
 
 # ---------------------------------------------------------------------------- BatchNorm
