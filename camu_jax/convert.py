@@ -88,8 +88,7 @@ def _torch_module(flax_module: tuple[str, ...], is_cnn: bool, layout: str | None
 
 def _key_map(variables: Mapping[str, Any], torch_keys) -> dict[tuple[str, ...], str]:
     """`(collection, *module path, leaf)` -> PyTorch state_dict key, for every Flax leaf."""
-    params = variables["params"]
-    is_cnn = "fc3" in params and "fc1" in params
+    is_cnn = "conv1.0.weight" in torch_keys and "fc2.0.weight" in torch_keys
     layout = None if is_cnn else _resnet_layout(torch_keys)
     out = {}
     for collection in ("params", "batch_stats"):
@@ -149,6 +148,29 @@ def flax_to_torch(variables: Mapping[str, Any], torch_model) -> None:
     if missing:
         raise ValueError(f"Flax variables do not cover PyTorch entries: {missing}")
     torch_model.load_state_dict(new_state, strict=True)
+
+
+def params_to_torch(params: Mapping[str, Any], torch_model) -> dict:
+    """Any params-shaped tree (e.g. Adam moments `mu`/`nu`) -> `{state_dict key: tensor}`.
+
+    Layouts are converted as for the parameters themselves; leaves that are not arrays (e.g.
+    `optax.MaskedNode`) are skipped. Tensors get the dtype and device of the module's entries.
+    """
+    import torch
+
+    state = torch_model.state_dict()
+    flat = traverse_util.flatten_dict(dict(params))
+    arrays = {p: v for p, v in flat.items() if hasattr(v, "shape") and hasattr(v, "dtype")}
+    template = {"params": traverse_util.unflatten_dict(arrays), "batch_stats": {}}
+    out = {}
+    for (_, *path), key in _key_map(template, state.keys()).items():
+        value = np.array(_to_torch_layout(np.asarray(arrays[tuple(path)]), path[-1]), order="C")
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise ValueError(
+                f"{key}: tree gives {value.shape}, PyTorch has {tuple(state[key].shape)}"
+            )
+        out[key] = torch.from_numpy(value).to(dtype=state[key].dtype, device=state[key].device)
+    return out
 
 
 def torch_to_flax(torch_model, variables_template: Mapping[str, Any]) -> dict:

@@ -37,7 +37,8 @@ def kl_sum(
     log_q = jax.nn.log_softmax(student_embedding, axis=-1)
     per_example = jnp.sum(xlogy(p, p) - p * log_q, axis=-1)
     w = _weights(per_example.shape[0], weights, per_example.dtype)
-    return jnp.sum(per_example * w)
+    # `where`, not only `*`: a non-finite value in a padded row must not poison the sum.
+    return jnp.sum(jnp.where(w > 0, per_example, 0.0) * w)
 
 
 def cross_entropy_mean(
@@ -53,7 +54,7 @@ def cross_entropy_mean(
     log_p = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
     w = _weights(nll.shape[0], weights, nll.dtype)
-    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return jnp.sum(jnp.where(w > 0, nll, 0.0) * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def representation_loss(

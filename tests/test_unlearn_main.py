@@ -56,6 +56,10 @@ def test_default_job_writes_results(default_run):
     assert m["camu"]["forget_train_acc"] < m["original"]["forget_train_acc"] - 40
     assert m["camu"]["test_remain_acc"] > m["original"]["test_remain_acc"] - 10
     assert (workdir / run["split_file"]).exists()
+    for method in ("camu", "retrain"):  # the relearning check, recorded every 100 batches
+        curve = run["relearn"][method]
+        assert curve["batches"][0] == 0 and len(curve["batches"]) == len(curve["gap"]) >= 2
+        assert all(b > a for a, b in zip(curve["batches"], curve["batches"][1:], strict=False))
     for name in ("results.csv", "results.md", "per_class_accuracy.png", "relearning.png"):
         assert (workdir / name).exists(), name
     for method in ("original", "retrain", "camu"):

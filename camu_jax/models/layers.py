@@ -44,12 +44,16 @@ class BatchNorm(nn.Module):
                 weights = mask.astype(x.dtype)
             weights = weights.reshape((-1,) + (1,) * (x.ndim - 1))
             count = jnp.sum(weights) * (x.size // (x.shape[0] * features))
-            mean = jnp.sum(x * weights, axis=axes) / count
-            var = jnp.sum(jnp.square(x - mean) * weights, axis=axes) / count
+            # Padded rows may hold anything: select them away before summing.
+            xm = jnp.where(weights > 0, x, 0.0)
+            mean = jnp.sum(xm * weights, axis=axes) / jnp.maximum(count, 1)
+            var = jnp.sum(jnp.square(xm - mean) * weights, axis=axes) / jnp.maximum(count, 1)
             if not self.is_initializing():
                 unbiased = var * count / jnp.maximum(count - 1, 1)
-                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+                seen = count > 0  # An all-padding batch leaves the running statistics alone.
+                m = self.momentum
+                ra_mean.value = jnp.where(seen, (1 - m) * ra_mean.value + m * mean, ra_mean.value)
+                ra_var.value = jnp.where(seen, (1 - m) * ra_var.value + m * unbiased, ra_var.value)
         else:
             mean, var = ra_mean.value, ra_var.value
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
