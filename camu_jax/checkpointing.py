@@ -50,6 +50,16 @@ def save(directory: str | Path, step: int, state: Any, meta: dict) -> None:
         mngr.wait_until_finished()
 
 
+def save_next(directory: str | Path, state: Any, meta: dict) -> int:
+    """Saves as the step after the latest one; returns it. The previous step stays until the
+    new one is complete (`max_to_keep=2`), so a re-run replaces a result without a window in
+    which neither exists."""
+    latest = latest_step(directory)
+    step = 0 if latest is None else latest + 1
+    save(directory, step, state, meta)
+    return step
+
+
 def read_meta(directory: str | Path, step: int | None = None) -> dict:
     with _manager(directory) as mngr:
         step = mngr.latest_step() if step is None else step

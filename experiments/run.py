@@ -254,9 +254,8 @@ class Experiment:
             seed=seed,
             progress=c.progress,
         )
-        checkpointing.save(
+        checkpointing.save_next(
             self.ckpt_root / "camu" / f"{c.dataset}-{c.model}-{run_name}",
-            0,
             camu_vars,
             self._meta("camu", seed, {"split": _digest(splits), "run": run_name}),
         )
