@@ -17,6 +17,7 @@ from flax import linen as nn
 from flax import struct
 
 from camu_jax import losses
+from camu_jax.models import head_modules
 
 PyTree = Any
 
@@ -160,8 +161,10 @@ def camu_step(
     batch (all `[b, ...]`): `x_f`, `x_s` (inputs), `y_s`, `y_cf` (labels), `z0_s`, `z0_cf`
     (embeddings of the frozen original on x_s and x_cf), `mask_f`, `mask_s`.
 
-    Step A minimises L_rep with `kl_tx`; step B recomputes the forward pass on the parameters
-    step A produced and minimises L_out with `ce_tx`. Forward passes run in the reference's
+    Step A minimises L_rep with `kl_tx` and leaves the classifier head (`head_modules`)
+    untouched, as PyTorch's optimizer1 does for parameters without a gradient; step B
+    recomputes the forward pass on the parameters step A produced and minimises L_out with
+    `ce_tx`. Forward passes run in the reference's
     order (A: x_s then x_f; B: x_f then x_s), which fixes how BatchNorm statistics evolve.
     """
     c = coefficients
@@ -185,6 +188,10 @@ def camu_step(
 
     (l_rep, batch_stats), grads = jax.value_and_grad(rep_loss, has_aux=True)(state.params)
     updates, kl_opt_state = kl_tx.update(grads, state.kl_opt_state, state.params)
+    # The head gets no gradient from L_rep; PyTorch's optimizer1 then skips it entirely (no
+    # Adam step, no weight decay), so its step-A update is dropped here.
+    heads = head_modules(model)
+    updates = {k: jax.tree.map(jnp.zeros_like, u) if k in heads else u for k, u in updates.items()}
     params = optax.apply_updates(state.params, updates)
 
     def out_loss(params):

@@ -333,22 +333,25 @@ def test_camu_step_is_deterministic(camu_state0, cnn_camu):
 DECAY_ATOL = 1e-4 * CE_LR
 
 
-def _decay_only(params, *, lr_a, lr_b, steps_: int):
+def _decay_only(params, *, lr_a, lr_b, steps_: int, heads=("fc2", "fc3")):
     """float64 params after `steps_` CaMU steps whose losses have zero gradient: per step an
-    Adam-L2 update with the step-A moments, then one with the step-B moments."""
+    Adam-L2 update with the step-A moments (skipped for the head, which PyTorch's optimizer1
+    never updates: it gets no gradient from L_rep), then one with the step-B moments."""
 
-    def leaf(p):
+    def leaf(p, head):
         p = np.asarray(p, np.float64)
         m, v = {"a": 0.0, "b": 0.0}, {"a": 0.0, "b": 0.0}
         for t in range(1, steps_ + 1):
             for opt, lr in (("a", lr_a), ("b", lr_b)):
+                if head and opt == "a":
+                    continue
                 g = WD * p
                 m[opt] = 0.9 * m[opt] + 0.1 * g
                 v[opt] = 0.999 * v[opt] + 0.001 * g * g
                 p = p - lr * (m[opt] / (1 - 0.9**t)) / (np.sqrt(v[opt] / (1 - 0.999**t)) + 1e-8)
         return p
 
-    return jax.tree.map(leaf, params)
+    return {k: jax.tree.map(lambda p, h=k in heads: leaf(p, h), sub) for k, sub in params.items()}
 
 
 def test_camu_coefficients_defaults():
