@@ -92,6 +92,11 @@ class ExperimentConfig:
             )
         if self.scenario == "indices" and not self.forget_indices:
             raise ValueError("scenario 'indices' needs a non-empty --forget-indices file")
+        if self.manual_dir is not None:
+            from pathlib import Path
+
+            if not Path(self.manual_dir).is_dir():
+                raise ValueError(f"manual dir {self.manual_dir} does not exist or is not a folder")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
         if self.original_epochs < 1:
