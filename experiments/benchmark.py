@@ -308,6 +308,40 @@ def bench_step(name, shape, batch, *, steps: int, repeats: int, warmup: int, tea
     return out
 
 
+def bench_wgrad_chunking(configs, *, repeats: int) -> dict:
+    """Ablation, JAX only: the CaMU double step with and without `WGRAD_CHUNK` weight gradients
+    (`camu_jax.models.layers`), alternated in one process. On GPU/TPU both are the same program."""
+    import jax
+
+    from camu_jax.models import layers
+
+    saved = layers.WGRAD_CHUNK
+    out = {}
+    try:
+        for key, name, shape, batch, steps in configs:
+            runners = {}
+            for variant, chunk in (("plain", 10**9), ("chunked", saved)):
+                layers.WGRAD_CHUNK = chunk  # Read at trace time, which happens in __init__.
+                runner = JaxStepRunner(name, shape, batch, with_teacher=False)
+                runners[variant] = functools.partial(runner.run, steps)
+            times = alternate(runners, repeats)
+            rate = {k: [steps / t for t in v] for k, v in times.items()}
+            out[key] = {
+                "plain_steps_per_s": _median(rate["plain"]),
+                "chunked_steps_per_s": _median(rate["chunked"]),
+                "speedup": _median(rate["chunked"]) / _median(rate["plain"]),
+                "pair_speedups": [
+                    c / p for p, c in zip(rate["plain"], rate["chunked"], strict=True)
+                ],
+                "backend": jax.default_backend(),
+                "batch": batch,
+            }
+            print(f"[benchmark]   wgrad_chunking.{key}: {json.dumps(out[key])}", flush=True)
+    finally:
+        layers.WGRAD_CHUNK = saved
+    return out
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -720,6 +754,15 @@ def print_table(results: dict) -> None:
                 f"{r['speedup_excl_compile']:.2f}x (compile {r['jax_compile_s']:.1f}s)",
             )
         )
+    for key, r in results.get("wgrad_chunking", {}).items():
+        rows.append(
+            (
+                f"ablation: chunked wgrad {key} [steps/s]",
+                _fmt(r["chunked_steps_per_s"]),
+                f"plain {_fmt(r['plain_steps_per_s'])}",
+                f"{r['speedup']:.2f}x (chunked vs plain)",
+            )
+        )
     if "eval" in results:
         r = results["eval"]
         rows.append(
@@ -802,7 +845,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--only",
         default="step,end_to_end,eval,memory",
-        help="comma-separated subset of step,end_to_end,eval,memory",
+        help="comma-separated subset of step,end_to_end,eval,memory,wgrad_chunking (the last, an "
+        "ablation of the CPU weight-gradient chunking, runs only when named)",
     )
     parser.add_argument(
         "--torch-threads",
@@ -872,6 +916,12 @@ def main(argv=None) -> int:
         results["end_to_end"] = bench_end_to_end(
             data, variables, state_dict, repeats=repeats, quick=args.quick
         )
+    if "wgrad_chunking" in sections:
+        print("[benchmark] wgrad_chunking ...", flush=True)
+        configs = [("cnn_b32", "cnn", MNIST_SHAPE, 32, 5 if args.quick else 50)]
+        if not args.quick:
+            configs.append(("resnet18_cifar_b32", "resnet18_cifar", (32, 32, 3), 32, 1))
+        results["wgrad_chunking"] = bench_wgrad_chunking(configs, repeats=3 if args.quick else 5)
     if "eval" in sections:
         print("[benchmark] eval ...", flush=True)
         results["eval"] = bench_eval(data, variables, state_dict, repeats=3 if args.quick else 5)

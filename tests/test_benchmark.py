@@ -101,3 +101,14 @@ def test_main_writes_the_json(tmp_path):
     assert {"device", "versions", "eval", "quick"} <= set(results)
     assert results["versions"]["jax"] and results["device"]["jax_device_count"] >= 1
     assert results["eval"]["examples"] == benchmark.MNIST_TEST
+
+
+def test_wgrad_chunking_ablation_restores_the_setting():
+    from camu_jax.models import layers
+
+    before = layers.WGRAD_CHUNK
+    r = benchmark.bench_wgrad_chunking(
+        [("cnn_b16", "cnn", benchmark.MNIST_SHAPE, 16, 1)], repeats=1
+    )["cnn_b16"]
+    assert _positive(r["plain_steps_per_s"], r["chunked_steps_per_s"])
+    assert layers.WGRAD_CHUNK == before

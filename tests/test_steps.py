@@ -575,3 +575,57 @@ def test_create_model():
     assert create_model("resnet18_cifar", num_classes=3) == ResNet18(num_classes=3, stem="cifar")
     with pytest.raises(ValueError, match=r"unknown model 'vgg'.*cnn, resnet18, resnet18_cifar"):
         create_model("vgg", num_classes=3)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel_shape, stride, padding",
+    [
+        ((32, 14, 14, 16), (5, 5, 16, 32), 1, 2),  # the CNN's conv2: chunked on CPU
+        ((16, 8, 8, 4), (3, 3, 4, 6), 1, 1),  # a ResNet 3x3: chunked on CPU
+        ((16, 8, 8, 4), (3, 3, 4, 6), 2, 1),  # stride 2: plain
+        ((12, 8, 8, 4), (3, 3, 4, 6), 1, 1),  # batch not a multiple of 8: plain
+    ],
+)
+def test_conv2d_matches_lax_conv_values_and_gradients(shape, kernel_shape, stride, padding):
+    """`conv2d` (whose CPU weight gradient is summed over chunks of 8 examples) computes
+    `lax.conv_general_dilated` with PyTorch's symmetric padding, gradients included."""
+    from camu_jax.models import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    k = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
+
+    def plain(x, k):
+        pad = ((padding, padding), (padding, padding))
+        return jax.lax.conv_general_dilated(
+            x, k, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def ours(x, k):
+        return layers.conv2d(x, k, stride=stride, padding=padding)
+
+    y_plain, y_ours = plain(x, k), jax.jit(ours)(x, k)
+    np.testing.assert_allclose(y_ours, y_plain, rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(rng.standard_normal(y_plain.shape), jnp.float32)
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda x, k: jnp.vdot(f(x, k), g), argnums=(0, 1)))(x, k)
+
+    for a, b in zip(grads(ours), grads(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_conv_module_has_nn_conv_parameters():
+    """`layers.Conv` initialises the same `kernel`/`bias` as `nn.Conv` (checkpoints and
+    `camu_jax.convert` rely on the names and shapes)."""
+    from camu_jax.models import layers
+
+    x = jnp.ones((2, 6, 6, 3))
+    ours = layers.Conv(4, 3, padding=1).init(jax.random.key(0), x)
+    ref = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1))).init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(ours, ref)
+    np.testing.assert_allclose(
+        layers.Conv(4, 3, padding=1).apply(ours, x),
+        nn.Conv(4, (3, 3), padding=((1, 1), (1, 1))).apply(ref, x),
+        rtol=1e-6,
+    )

@@ -8,20 +8,19 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from camu_jax.models.layers import BatchNorm, torch_dense
+from camu_jax.models.layers import BatchNorm, Conv, torch_dense
 
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", relu).
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, name: str) -> Conv:
     # Explicit symmetric padding: Flax "SAME" pads (0, 1) for stride 2, PyTorch pads (1, 1).
-    pad = kernel // 2
-    return nn.Conv(
+    return Conv(
         features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
+        kernel,
+        stride=stride,
+        padding=kernel // 2,
         use_bias=False,
         kernel_init=_conv_init,
         name=name,
