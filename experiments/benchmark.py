@@ -849,6 +849,11 @@ def main(argv=None) -> int:
         "ablation of the CPU weight-gradient chunking, runs only when named)",
     )
     parser.add_argument(
+        "--steps",
+        default=None,
+        help="comma-separated subset of the step benchmarks (e.g. cnn_b32,cnn_b256; default all)",
+    )
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -897,9 +902,14 @@ def main(argv=None) -> int:
 
     if "step" in sections:
         results["step"] = {}
-        for key, name, shape, batch, steps, repeats, warmup, teacher in step_configs(
-            args.quick, gpu
-        ):
+        configs = step_configs(args.quick, gpu)
+        if args.steps:
+            wanted = set(args.steps.split(","))
+            unknown = wanted - {c[0] for c in configs}
+            if unknown:
+                parser.error(f"--steps: unknown {sorted(unknown)}; have {[c[0] for c in configs]}")
+            configs = [c for c in configs if c[0] in wanted]
+        for key, name, shape, batch, steps, repeats, warmup, teacher in configs:
             print(f"[benchmark] step.{key} ...", flush=True)
             results["step"][key] = bench_step(
                 name, shape, batch, steps=steps, repeats=repeats, warmup=warmup, teacher=teacher
