@@ -1,4 +1,5 @@
-"""Layers whose semantics must match PyTorch exactly (pooling, BatchNorm)."""
+"""Layers whose semantics must match PyTorch exactly (pooling, BatchNorm, padded convolutions),
+and the CPU weight-gradient chunking of `conv2d`."""
 
 from __future__ import annotations
 
