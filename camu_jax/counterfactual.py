@@ -9,36 +9,41 @@ variable, so the excluded class is not the item's own; this is the intended rule
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
-import jax.numpy as jnp
-from flax import struct
+import numpy as np
 
 
-class Counterfactuals(struct.PyTreeNode):
-    """Pairing and labels of the counterfactuals; the noise is drawn from `noise_key`.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Counterfactuals:
+    """Pairing and labels of the counterfactuals (host arrays).
 
     pair: `[n_forget]` indices into the sample set (a permutation when sizes are equal).
     labels: `[n_forget]` counterfactual labels y_cf.
-    noise_key: key from which `counterfactual_noise` draws item i's noise (fixed per item, so
-      the counterfactuals are built once and identical in every epoch).
+
+    The noise of item i is `counterfactual_noise(noise_key, i)`: a fixed function of the item
+    id, so the counterfactuals are built once and identical in every epoch.
     """
 
-    pair: jax.Array
-    labels: jax.Array
-    noise_key: jax.Array
+    pair: np.ndarray
+    labels: np.ndarray
 
 
 def make_counterfactuals(
-    key: jax.Array,
+    rng: np.random.Generator,
     *,
-    forget_labels: jax.Array,
-    sample_labels: jax.Array,
+    forget_labels: np.ndarray,
+    sample_labels: np.ndarray,
     num_classes: int,
 ) -> Counterfactuals:
     """Random one-to-one pairing, and counterfactual labels that never equal the forget label.
 
+    The pairing is index selection, drawn on the host like the splits: it compiles nothing
+    and does not depend on how many other runs share a population.
+
     Args:
-      key: PRNG key.
+      rng: numpy generator (e.g. `np.random.default_rng([seed, 6])`).
       forget_labels: `[n_forget]` labels y_f.
       sample_labels: `[n_sample]` labels of the sample set D_s.
       num_classes: number of classes (>= 2).
@@ -47,21 +52,19 @@ def make_counterfactuals(
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    forget_labels = np.asarray(forget_labels, np.int64)
+    sample_labels = np.asarray(sample_labels, np.int64)
     n_forget, n_sample = forget_labels.shape[0], sample_labels.shape[0]
     if n_forget == 0 or n_sample == 0:
         raise ValueError(f"empty set: n_forget={n_forget}, n_sample={n_sample}")
-    pair_key, label_key, noise_key = jax.random.split(key, 3)
     reps = -(-n_forget // n_sample)
-    perm = jnp.concatenate(
-        [jax.random.permutation(k, n_sample) for k in jax.random.split(pair_key, reps)]
-    )[:n_forget]
-    labels = sample_labels[perm].astype(jnp.int32)
-    forget_labels = forget_labels.astype(jnp.int32)
+    pair = np.concatenate([rng.permutation(n_sample) for _ in range(reps)])[:n_forget]
+    labels = sample_labels[pair]
     # Uniform over the num_classes - 1 classes other than y_f: draw r in [0, C-1), skip y_f.
-    r = jax.random.randint(label_key, (n_forget,), 0, num_classes - 1)
-    redrawn = r + (r >= forget_labels).astype(jnp.int32)
-    labels = jnp.where(labels == forget_labels, redrawn, labels)
-    return Counterfactuals(pair=perm, labels=labels, noise_key=noise_key)
+    r = rng.integers(0, num_classes - 1, n_forget)
+    redrawn = r + (r >= forget_labels)
+    labels = np.where(labels == forget_labels, redrawn, labels)
+    return Counterfactuals(pair=pair.astype(np.int32), labels=labels.astype(np.int32))
 
 
 def counterfactual_noise(noise_key: jax.Array, item_ids: jax.Array, shape) -> jax.Array:

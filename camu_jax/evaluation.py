@@ -1,62 +1,120 @@
-"""Evaluating a model: batched eval-mode predictions and the reference's five accuracies.
+"""Evaluating models: batched eval-mode forward passes over populations, and the metrics.
 
-Attack-style metrics (membership inference, gaps to the retrained model) live in
-`camu_jax.metrics`, which works on the host arrays produced here.
+`predict` is the one eval-mode forward pass of the library: logits or embeddings of any number
+of models (a leading member axis) on rows of a device-resident split, one compiled program per
+shape. `score` turns one model's logits into every metric of the results table (the
+reference's accuracies, the three membership attacks, the SalUn scores); `evaluate` does both
+for a population, fitting the attacks of different members in parallel on the host's cores.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from jax.sharding import Mesh
 
-from camu_jax import sharding
-from camu_jax.data.pipeline import InputSpec, pad_to_batches, preprocess
+from camu_jax import metrics, sharding
+from camu_jax.counterfactual import counterfactual_inputs
+from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess
 from camu_jax.data.splits import Splits
 from camu_jax.steps import apply_model
 
+# Images per forward call over all members: bounds activation memory while keeping calls few.
+IMAGES_PER_CALL = 32768
 
-@functools.lru_cache(maxsize=16)
-def _logits_fn(model: nn.Module, spec: InputSpec):
-    @jax.jit
-    def run(variables, images, rows, ids):
-        x = preprocess(images[rows[ids]], spec)
-        logits, _, _ = apply_model(
+
+@functools.lru_cache(maxsize=32)
+def _forward(model: nn.Module, spec: InputSpec, embedding: bool, augment: bool):
+    def one(variables, images, rows, ids, aug_key, noise_key, noise_scale):
+        keys = item_keys(jax.random.wrap_key_data(aug_key), ids) if augment else None
+        x = preprocess(images[rows[ids]], spec, augment_keys=keys)
+        noisy = counterfactual_inputs(
+            jax.random.wrap_key_data(noise_key), item_ids=ids, sample_inputs=x
+        )
+        x = x + noise_scale * (noisy - x)  # one program for plain and counterfactual inputs
+        logits, emb, _ = apply_model(
             model, variables["params"], variables["batch_stats"], x, train=False
         )
-        return logits
+        return emb if embedding else logits
 
-    return run
+    vmapped = jax.vmap(
+        one, in_axes=(0, None, 0, 0, 0, 0, None), spmd_axis_name=sharding.MEMBER_AXIS
+    )
+    return jax.jit(vmapped)
 
 
-def predict_logits(
+def _zero_keys(members: int) -> np.ndarray:
+    return np.zeros((members, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
+
+
+def predict(
     model: nn.Module,
     variables: dict,
-    images: jax.Array,
-    *,
-    spec: InputSpec,
-    mesh: Mesh,
+    data: DeviceData,
     rows: np.ndarray | None = None,
-    batch_size: int = 1024,
-) -> np.ndarray:
-    """Eval-mode logits `[n, classes]` for `images[rows]` (default: every image).
+    *,
+    embedding: bool = False,
+    aug_keys: np.ndarray | None = None,
+    noise_keys: np.ndarray | None = None,
+    fetch: bool = True,
+):
+    """Eval-mode outputs of a population of models.
 
-    `images` is `[N, H, W, C]` uint8 on device; batches are padded to `batch_size`, so one
-    compile serves every call with the same images.
+    Args:
+      variables: `{'params', 'batch_stats'}` stacked along a leading member axis `[P, ...]`.
+      data: the split on device.
+      rows: `[P, n]` rows of `data` per member (default: every row, for every member).
+      embedding: return embeddings `[P, n, d]` instead of logits `[P, n, classes]`.
+      aug_keys: `[P]` key data: item i (position in `rows`) gets the fixed augmentation
+        `fold_in(aug_key, i)` (the counterfactual construction); default no augmentation.
+      noise_keys: `[P]` key data: item i gets the counterfactual noise of id i added.
+      fetch: return host numpy (default) or device arrays.
+
+    Batches are padded to one size, so one compile serves every call with the same member
+    count, whatever the number of rows.
     """
-    run = _logits_fn(model, spec)
-    rows = np.arange(images.shape[0]) if rows is None else np.asarray(rows)
-    n = rows.shape[0]
-    bs = max(batch_size - batch_size % mesh.devices.size, mesh.devices.size)
-    ids, _ = pad_to_batches(np.arange(n, dtype=np.int32), bs)
-    table = np.zeros(ids.size, np.int32)
-    table[:n] = rows
-    table = sharding.replicate(table, mesh)
-    out = [np.asarray(run(variables, images, table, sharding.shard_batch(i, mesh))) for i in ids]
-    return np.concatenate(out)[:n]
+    mesh = data.mesh
+    members = jax.tree.leaves(variables)[0].shape[0]
+    if rows is None:
+        rows = np.broadcast_to(np.arange(data.size, dtype=np.int32), (members, data.size))
+    rows = np.asarray(rows, np.int32)
+    n = rows.shape[1]
+    step = sharding.data_devices(mesh)
+    bs = max(step, min(1024, IMAGES_PER_CALL // members) // step * step)
+    width = -(-max(n, 1) // bs) * bs
+    table = np.zeros((members, width), np.int32)
+    table[:, :n] = rows
+    run = _forward(model, data.spec, embedding, aug_keys is not None)
+    zero = _zero_keys(members)
+    keys = sharding.shard_members(
+        {
+            "aug": zero if aug_keys is None else np.asarray(aug_keys),
+            "noise": zero if noise_keys is None else np.asarray(noise_keys),
+            "rows": table,
+        },
+        mesh,
+    )
+    scale = jnp.float32(0.0 if noise_keys is None else 1.0)
+    outs = []
+    for lo in range(0, width, bs):
+        ids = np.broadcast_to(np.arange(lo, lo + bs, dtype=np.int32), (members, bs))
+        ids = sharding.shard_members(ids, mesh, batch=True)
+        outs.append(
+            run(variables, data.images, keys["rows"], ids, keys["aug"], keys["noise"], scale)
+        )
+    out = jnp.concatenate(outs, axis=1)[:, :n] if outs else None
+    return sharding.fetch(out) if fetch else out
+
+
+def predict_logits(model: nn.Module, variables: dict, data: DeviceData, rows=None) -> np.ndarray:
+    """Eval-mode logits `[n, classes]` of ONE model on `data` (default every row)."""
+    stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], variables)
+    return predict(model, stacked, data, None if rows is None else np.asarray(rows)[None])[0]
 
 
 def _acc(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -76,7 +134,7 @@ def reference_accuracies(
 
     remain_train_acc (D_r), forget_train_acc (D_f), test_acc (all test), test_remain_acc and
     test_forget_acc (test items outside / inside the forgotten classes; for random removal,
-    where no class is forgotten, both are the plain test accuracy's complement and NaN).
+    where no class is forgotten, the first is the plain test accuracy and the second NaN).
     """
     train_pred = train_logits.argmax(-1)
     test_pred = test_logits.argmax(-1)
@@ -93,3 +151,128 @@ def reference_accuracies(
         out["test_remain_acc"] = out["test_acc"]
         out["test_forget_acc"] = float("nan")
     return out
+
+
+def score(
+    *,
+    train_logits: np.ndarray,
+    train_labels: np.ndarray,
+    test_logits: np.ndarray,
+    test_labels: np.ndarray,
+    splits: Splits,
+    forget_classes: tuple[int, ...] | None,
+    seed: int,
+) -> dict[str, float]:
+    """Every metric of one model from its logits (host arrays): the reference's accuracies,
+    its MIA, SalUn's UA/RA/TA/MIA-efficacy and the loss attack. Pure and picklable, so a
+    population's members are scored in parallel processes."""
+    for name, x in (("train_logits", train_logits), ("test_logits", test_logits)):
+        if not np.all(np.isfinite(x)):
+            raise FloatingPointError(f"non-finite {name} in evaluation")
+    y_tr, y_te = train_labels, test_labels
+    out = reference_accuracies(
+        train_logits=train_logits,
+        train_labels=y_tr,
+        test_logits=test_logits,
+        test_labels=y_te,
+        splits=splits,
+        forget_classes=forget_classes,
+    )
+    p_tr, p_te = metrics.softmax(logits=train_logits), metrics.softmax(logits=test_logits)
+    out["mia"] = metrics.reference_mia(
+        sample_probs=p_tr[splits.sample],
+        test_probs=p_te,
+        forget_probs=p_tr[splits.forget],
+        seed=seed,
+    )
+    mia_eff = metrics.mia_efficacy(
+        remain_probs=p_tr[splits.remain],
+        remain_labels=y_tr[splits.remain],
+        test_probs=p_te,
+        test_labels=y_te,
+        forget_probs=p_tr[splits.forget],
+        forget_labels=y_tr[splits.forget],
+        seed=seed,
+    )
+    ta = out["test_remain_acc"] if forget_classes else out["test_acc"]
+    scores = metrics.unlearning_scores(
+        forget_acc=out["forget_train_acc"],
+        remain_acc=out["remain_train_acc"],
+        test_acc=ta,
+        mia_efficacy=mia_eff,
+    )
+    out.update(UA=scores["UA"], RA=scores["RA"], TA=scores["TA"], mia_efficacy=mia_eff)
+    out["loss_attack"] = metrics.loss_attack(
+        forget_losses=metrics.per_example_cross_entropy(
+            probs_or_logits=train_logits[splits.forget],
+            labels=y_tr[splits.forget],
+            from_logits=True,
+        ),
+        test_losses=metrics.per_example_cross_entropy(
+            probs_or_logits=test_logits, labels=y_te, from_logits=True
+        ),
+        seed=seed,
+    )
+    return out
+
+
+def default_workers() -> int:
+    """Host processes for scoring members in parallel: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def evaluate(
+    model: nn.Module,
+    variables: Sequence[dict],
+    *,
+    train: DeviceData,
+    test: DeviceData,
+    splits: Sequence[Splits],
+    forget_classes: Sequence[tuple[int, ...] | None],
+    seeds: Sequence[int],
+    population_size: int | None = None,
+    workers: int | None = None,
+) -> list[dict[str, float]]:
+    """`score` for every model `variables[i]` on its run's splits.
+
+    Forward passes run `population_size` models at a time (default all) in one batched
+    device pass per split; the attacks of different models are fitted in `workers` parallel
+    processes (default: the usable cores; 1 scores in this process). The values do not
+    depend on either setting.
+    """
+    count = len(variables)
+    size = min(population_size or count, count)
+    size = -(-size // sharding.member_devices(train.mesh)) * sharding.member_devices(train.mesh)
+    jobs = []
+    for lo in range(0, count, size):
+        wave = list(variables[lo : lo + size])
+        wave += [wave[0]] * (size - len(wave))
+        stacked = sharding.shard_members(_stack(wave), train.mesh)
+        tr = predict(model, stacked, train)
+        te = predict(model, stacked, test)
+        for j in range(min(size, count - lo)):
+            i = lo + j
+            jobs.append(
+                dict(
+                    train_logits=tr[j],
+                    train_labels=train.host_labels,
+                    test_logits=te[j],
+                    test_labels=test.host_labels,
+                    splits=splits[i],
+                    forget_classes=forget_classes[i],
+                    seed=seeds[i],
+                )
+            )
+    workers = min(workers or default_workers(), len(jobs))
+    if workers <= 1:
+        return [score(**job) for job in jobs]
+    from joblib import Parallel, delayed
+
+    return Parallel(n_jobs=workers, backend="loky")(delayed(score)(**job) for job in jobs)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)

@@ -1,9 +1,11 @@
-"""Data parallelism with `jax.jit` + `NamedSharding` over a one-axis `data` mesh.
+"""Data and member parallelism with `jax.jit` + `NamedSharding` over a `(member, data)` mesh.
 
-This replaces `jax.pmap` (in maintenance mode and itself built on `jit` + `shard_map`): batches
-are sharded along their leading axis over every device, parameters and optimizer states are
-replicated, and XLA inserts the gradient all-reduce. This module is the only place that places
-data on devices.
+This replaces `jax.pmap` (in maintenance mode and itself built on `jit` + `shard_map`). A
+population of runs (`camu_jax.engine`) stacks its members along a leading axis sharded over
+`member`; each member's batch is sharded over `data`, its parameters and optimizer states are
+replicated over `data`, and XLA inserts the gradient all-reduce. A mesh with one `member` row
+is plain data parallelism. This module is the only place that places data on devices or
+fetches it back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+MEMBER_AXIS = "member"
 
 
 def maybe_initialize_distributed() -> None:
@@ -38,10 +41,24 @@ def _initialized() -> bool:
         return False
 
 
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A `data` mesh over `devices` (default: every device of every process)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+def make_mesh(devices: list | None = None, *, member_devices: int = 1) -> Mesh:
+    """A `(member, data)` mesh over `devices` (default: every device of every process):
+    `member_devices` rows of members, the rest of the devices sharding each member's batch."""
+    devices = jax.devices() if devices is None else list(devices)
+    if member_devices < 1 or len(devices) % member_devices:
+        raise ValueError(
+            f"{member_devices} member devices do not divide the {len(devices)} devices"
+        )
+    grid = np.asarray(devices).reshape(member_devices, len(devices) // member_devices)
+    return Mesh(grid, (MEMBER_AXIS, DATA_AXIS))
+
+
+def member_devices(mesh: Mesh) -> int:
+    return mesh.shape.get(MEMBER_AXIS, 1)
+
+
+def data_devices(mesh: Mesh) -> int:
+    return mesh.shape[DATA_AXIS]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -53,12 +70,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """Raises unless the global batch splits evenly over the mesh's devices."""
-    n = mesh.devices.size
+    """Raises unless the global batch splits evenly over the mesh's `data` devices."""
+    n = data_devices(mesh)
     if batch_size <= 0 or batch_size % n:
         raise ValueError(
             f"batch size {batch_size} is not divisible by the {n} devices of the data mesh; "
             f"use a positive multiple of {n}"
+        )
+
+
+def check_members(members: int, mesh: Mesh) -> None:
+    """Raises unless a wave of `members` splits evenly over the mesh's `member` devices."""
+    n = member_devices(mesh)
+    if members <= 0 or members % n:
+        raise ValueError(
+            f"population size {members} is not divisible by the {n} member devices of the "
+            f"mesh; use a positive multiple of {n}"
         )
 
 
@@ -87,6 +114,37 @@ def shard_batch(batch: Any, mesh: Mesh, axis: int = 0) -> Any:
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     return jax.tree.map(put, batch)
+
+
+def shard_members(tree: Any, mesh: Mesh, *, axis: int = 0, batch: bool = False) -> Any:
+    """Host arrays with a member axis at `axis` (identical on every process) -> global arrays
+    sharded over `member` there (and over `data` on the next axis when `batch`); each process
+    builds only the shards it holds."""
+    spec = P(*([None] * axis), MEMBER_AXIS, *((DATA_AXIS,) if batch else ()))
+    sharding = NamedSharding(mesh, spec)
+
+    def put(x):
+        x = np.asarray(x)
+        check_members(x.shape[axis], mesh)
+        if batch:
+            check_batch_size(x.shape[axis + 1], mesh)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def fetch(tree: Any) -> Any:
+    """Device arrays -> host numpy, gathering shards other processes hold (every process gets
+    the whole value)."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(get, tree)
 
 
 def constrain_batch(tree: Any, mesh: Mesh) -> Any:

@@ -1,237 +1,323 @@
-"""Supervised training loops (original model, retrain-from-scratch, relearning).
+"""Supervised training (original model, retrain-from-scratch, relearning) on the loop engine.
 
-Data stay on device as uint8; the host only sends `[steps, batch]` index plans, run as jitted
-`lax.scan` chunks on accelerators and as one jitted call per step on CPU (`StepRunner`). The
-state is donated, checked for non-finite losses after every chunk (before anything is saved)
-and checkpointed per epoch, so an interrupted run resumes where the last complete epoch ended.
+A population of trainings (one member per seed or per forget set) runs as one compiled program
+(`camu_jax.engine`); `train_model` is a population of one. Data stay on device as uint8; the
+host only sends `[members, steps, batch]` index plans. Losses and the state are checked for
+non-finite values after every chunk (before anything is saved), and each member is
+checkpointed at epoch ends, so an interrupted run resumes where its last saved epoch ended,
+bit-identically: an epoch's plan depends only on (seed, epoch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from camu_jax import checkpointing, sharding
-from camu_jax.data.pipeline import InputSpec, item_keys, preprocess, shuffled_batches
+from camu_jax import checkpointing, engine, sharding
+from camu_jax.data.pipeline import (
+    DeviceData,
+    InputSpec,
+    item_keys,
+    preprocess,
+    shuffled_batches,
+)
 from camu_jax.steps import adam_l2, init_train_state, train_step
 
 
-def default_use_scan() -> bool:
-    """Scan chunks of steps on accelerators (one launch per chunk); one jitted call per step on
-    CPU, where XLA runs convolutions inside a `while` loop ~10x slower (measured on the CNN)."""
-    return jax.default_backend() != "cpu"
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The reference's recipe for the original and the retrained model (`train.py: train`):
+    Adam with coupled weight decay, cross-entropy, shuffled batches."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+
+    def validate(self) -> None:
+        check_positive("epochs", self.epochs)
+        check_positive("batch size", self.batch_size)
+        check_positive("learning rate", self.learning_rate)
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight decay must be finite and >= 0, got {self.weight_decay}")
 
 
-class StepRunner:
-    """Runs `[k, batch]` plans of steps: `state, metrics = runner(state, consts, plan)`.
-
-    `make_batch(state, consts, xs)` builds one step's batch from one plan row `xs` (inside
-    jit); `step(state, batch) -> (state, metrics)`. In scan mode a chunk is one jitted
-    `lax.scan` whose all-padding steps (`active_fn` false) leave the state untouched, so one
-    chunk length (one compile) serves every epoch; in loop mode each active row is one jitted
-    call. Either way the state is donated and metrics come back stacked `[k]` with `active`.
-    """
-
-    def __init__(self, step, make_batch, mesh: Mesh, *, active_fn, use_scan: bool | None = None):
-        self.mesh = mesh
-        self.active_fn = active_fn
-        self.use_scan = default_use_scan() if use_scan is None else use_scan
-        # Fake CPU devices can deadlock in an all-reduce unless every step is waited for.
-        self.sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
-
-        def one(state, consts, xs):
-            return step(state, make_batch(state, consts, xs))
-
-        def scan(state, consts, plan):
-            def body(state, xs):
-                batch = make_batch(state, consts, xs)
-                shapes = jax.eval_shape(step, state, batch)[1]
-
-                def skip(state, batch):
-                    zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), shapes)
-                    return state, {**zeros, "finite": jnp.array(True)}
-
-                active = active_fn(xs)
-                state, metrics = jax.lax.cond(active, step, skip, state, batch)
-                return state, {**metrics, "active": active}
-
-            return jax.lax.scan(body, state, plan)
-
-        self._one = jax.jit(one, donate_argnums=0)
-        self._scan = jax.jit(scan, donate_argnums=0)
-
-    def __call__(self, state, consts, plan: tuple[np.ndarray, ...]):
-        if self.use_scan:
-            return self._scan(state, consts, sharding.shard_batch(plan, self.mesh, axis=1))
-        rows = []
-        for j in range(plan[0].shape[0]):
-            xs = tuple(p[j] for p in plan)
-            if not self.active_fn(xs):
-                continue
-            state, metrics = self._one(state, consts, sharding.shard_batch(xs, self.mesh))
-            if self.sync:
-                jax.block_until_ready(state)
-            rows.append(metrics)
-        stacked = jax.tree.map(lambda *m: jnp.stack(m), *rows)
-        return state, {**stacked, "active": np.ones(len(rows), bool)}
+def check_positive(name: str, value) -> None:
+    """Raises ValueError naming `value` unless it is a finite number > 0."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def pad_plan(plan: tuple[np.ndarray, ...], chunk: int) -> tuple[np.ndarray, ...]:
-    """Pads `[steps, batch]` plans with all-zero steps to a multiple of `chunk` steps."""
-    steps = plan[0].shape[0]
-    extra = -steps % chunk
-    return tuple(np.concatenate([p, np.zeros((extra, *p.shape[1:]), p.dtype)]) for p in plan)
+def train_program(model: nn.Module, tx, spec: InputSpec, mesh: Mesh) -> engine.Program:
+    """Cross-entropy steps: member data `{'items' [n], 'key'}`, plan rows `{'ids', 'mask'}`;
+    batch j uses items `items[ids[j]]`."""
 
-
-def make_train_runner(model: nn.Module, tx, spec: InputSpec, mesh: Mesh, use_scan=None):
-    """Training steps over device-resident data: consts `(images, labels, items, key)`, plan
-    `(ids [k, b], mask [k, b])`; batch j uses items `items[ids[j]]`."""
-    step = functools.partial(train_step, model=model, tx=tx)
-
-    def make_batch(state, consts, xs):
-        images, labels, items, key = consts
-        ids_b, mask_b = xs
-        rows = items[ids_b]
-        keys = item_keys(jax.random.fold_in(key, state.step), ids_b) if spec.augment else None
+    def make_batch(state, shared, member, row):
+        images, labels = shared
+        rows = member["items"][row["ids"]]
+        keys = None
+        if spec.augment:
+            key = jax.random.fold_in(jax.random.wrap_key_data(member["key"]), state.step)
+            keys = item_keys(key, row["ids"])
         batch = {
             "image": preprocess(images[rows], spec, augment_keys=keys),
             "label": labels[rows],
-            "mask": mask_b,
+            "mask": row["mask"],
         }
         return sharding.constrain_batch(batch, mesh)
 
-    return StepRunner(step, make_batch, mesh, active_fn=any_real_example, use_scan=use_scan)
+    return engine.Program(functools.partial(train_step, model=model, tx=tx), make_batch)
 
 
-def any_real_example(xs) -> bool:
-    """A plan row is active when its mask (second entry) marks at least one real example."""
-    return xs[1].sum() > 0
+@functools.lru_cache(maxsize=16)
+def _engine(model, learning_rate, weight_decay, spec, mesh, use_scan) -> engine.Engine:
+    # One engine (one set of jitted functions) per recipe, so every call of a study with the
+    # same shapes reuses its compiled programs.
+    tx = adam_l2(learning_rate, weight_decay)
+    program = train_program(model, tx, spec, mesh)
+    return engine.Engine(program, mesh, use_scan=use_scan)
 
 
-def chunk_means(metrics: dict, keys: tuple[str, ...]) -> dict[str, float]:
-    """Means of `keys` over the active steps of a chunk's metrics."""
-    active = np.asarray(metrics["active"], bool)
-    return {k: float(np.mean(np.asarray(metrics[k])[active])) for k in keys}
+def epoch_plan(n_items: int, batch_size: int, seed: int, epoch: int) -> engine.Plan:
+    """One epoch of a shuffled `DataLoader(batch_size)` over `n_items` items: `ids`, `mask`
+    `[steps, batch]`; a fixed function of (seed, epoch), so a resumed run is bit-identical."""
+    ids, mask = shuffled_batches(n_items, batch_size, np.random.default_rng([seed, 3, epoch]))
+    return {"ids": ids, "mask": mask}
 
 
-def check_finite(metrics: dict, where: str) -> None:
-    """Raises FloatingPointError naming the first non-finite loss (host-side check)."""
-    finite = np.asarray(metrics["finite"])
-    if finite.all():
-        return
-    first = int(np.argmin(finite))
-    values = {k: float(np.asarray(v)[first]) for k, v in metrics.items() if k != "finite"}
-    raise FloatingPointError(
-        f"non-finite loss {values} at {where}, step {first} of the chunk; stopping before "
-        "anything of this epoch is saved (lower the learning rate or check the inputs)"
+def _member_key(seed: int) -> np.ndarray:
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+class _Member:
+    """Bookkeeping of one member: where it starts, its checkpoint, its losses."""
+
+    def __init__(self, index, name, items, seed, directory, meta):
+        self.index, self.name, self.items, self.seed = index, name, items, seed
+        self.directory, self.meta = directory, dict(meta or {})
+        self.start, self.seconds, self.losses = 0, 0.0, []
+        self.state = None
+
+
+def train_population(
+    model: nn.Module,
+    variables: Sequence[dict],
+    *,
+    data: DeviceData,
+    items: Sequence[np.ndarray],
+    seeds: Sequence[int],
+    config: TrainConfig,
+    names: Sequence[str] | None = None,
+    checkpoint_dirs: Sequence[str | Path | None] | None = None,
+    metas: Sequence[dict] | None = None,
+    population_size: int | None = None,
+    checkpoint_every: float = 60.0,
+    chunk_steps: int = 250,
+    callback: Callable[[dict, np.ndarray, list[int]], None] | None = None,
+    use_scan: bool | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[tuple[dict, dict]]:
+    """Trains every member (initial `variables[i]`, items `items[i]`, seed `seeds[i]`) with
+    `config`, at most `population_size` members at a time (default: all).
+
+    Args:
+      data: the training split on device.
+      items: per member, `[n_i]` indices of the items to train on (D, or D_r).
+      checkpoint_dirs: per member, where to save its `TrainState` and resume from (None: no
+        checkpoint); `metas[i]` is the JSON identity stored with it and checked on restore.
+        A member is saved at the end of an epoch when `checkpoint_every` seconds have passed
+        since its last save, and always after its last epoch.
+      callback: `callback(stacked_variables, done, members)` after every chunk: `done[j]` is
+        how many steps of its epoch member `members[j]` of the wave has run (records every
+        `chunk_steps` steps, e.g. the relearning curves).
+
+    Returns per member `(variables, info)`, info `{'epochs_run', 'resumed_from', 'losses',
+    'seconds', 'compile_seconds'}`; `seconds` is the member's share of its wave's wall time
+    (earlier sessions' time included). A finished member is restored without training.
+    """
+    config.validate()
+    sharding.check_batch_size(config.batch_size, data.mesh)
+    count = len(variables)
+    names = list(names or [f"{desc} {i}" for i in range(count)])
+    dirs = list(checkpoint_dirs or [None] * count)
+    metas = list(metas or [None] * count)
+    if not (len(items) == len(seeds) == len(names) == len(dirs) == len(metas) == count):
+        raise ValueError("variables, items, seeds, names, checkpoint_dirs, metas differ in length")
+    for name, it in zip(names, items, strict=True):
+        if len(it) == 0:
+            raise ValueError(f"{name}: cannot train on an empty set of items")
+    tx = adam_l2(config.learning_rate, config.weight_decay)
+    members = [
+        _Member(i, names[i], np.asarray(items[i]), seeds[i], dirs[i], metas[i])
+        for i in range(count)
+    ]
+    results: list = [None] * count
+    pending = []
+    for m in members:
+        state = init_train_state(variables[m.index], tx)
+        if m.directory is not None and checkpointing.latest_step(m.directory) is not None:
+            m.start, state, saved = checkpointing.restore(
+                m.directory, abstract_state=jax.eval_shape(lambda s=state: s), expected_meta=m.meta
+            )
+            m.start, m.seconds = min(m.start, config.epochs), float(saved.get("seconds", 0.0))
+        m.state = state
+        if m.start >= config.epochs:
+            results[m.index] = (_variables(state), _info(m, config, 0.0, 0.0))
+        else:
+            pending.append(m)
+    if pending:
+        run = _engine(
+            model, config.learning_rate, config.weight_decay, data.spec, data.mesh, use_scan
+        )
+        size = population_size or len(pending)
+        size = _round_up(min(size, len(pending)), sharding.member_devices(data.mesh))
+        for wave in engine.waves(len(pending), size):
+            wave_members = [pending[i] for i in wave]
+            for m, out in zip(
+                wave_members,
+                _train_wave(
+                    run,
+                    wave_members,
+                    size,
+                    data,
+                    config,
+                    chunk_steps,
+                    callback,
+                    checkpoint_every,
+                    progress,
+                    desc,
+                ),
+                strict=True,
+            ):
+                results[m.index] = out
+    return results
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _train_wave(run, members, size, data, config, chunk_steps, callback, every, progress, desc):
+    timer = engine.Timer()
+    mesh, b = data.mesh, config.batch_size
+    padded = engine.pad_members(members, size)
+    real = len(members)
+    # Plans index a full-length item table, so training on D and on D_r share one compile.
+    width = max(data.size, *(len(m.items) for m in members))
+    tables = np.zeros((size, width), np.int32)
+    for j, m in enumerate(padded):
+        tables[j, : len(m.items)] = m.items
+    member_data = sharding.shard_members(
+        {"items": tables, "key": np.stack([_member_key(m.seed) for m in padded])}, mesh
     )
+    state = sharding.shard_members(engine.stack([m.state for m in padded]), mesh)
+    shared = (data.images, data.labels)
+    steps = [-(-len(m.items) // b) for m in members]
+    chunk = max(1, min(chunk_steps, -(-width // b)))
+    first = min(m.start for m in members)
+    total = sum((config.epochs - m.start) * s for m, s in zip(members, steps, strict=True))
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
+    last_save = [time.perf_counter()] * real
+    names = [m.name for m in padded]
+    for epoch in range(first, config.epochs):
+        plans = []
+        for j, m in enumerate(padded):
+            plan = epoch_plan(len(m.items), b, m.seed, epoch)
+            if j >= real or epoch < m.start:  # padding member, or already past this epoch
+                plan = {k: np.zeros_like(v) for k, v in plan.items()}
+            plans.append(plan)
+        plan = engine.pad_steps(engine.stack_plans(plans), chunk)
+        for lo in range(0, plan["ids"].shape[1], chunk):
+            part = {k: v[:, lo : lo + chunk] for k, v in plan.items()}
+            state, metrics = run(state, shared, member_data, part)
+            metrics = sharding.fetch(metrics)
+            engine.check_finite(metrics, names, f"{desc} epoch {epoch + 1}")
+            for j, m in enumerate(members):
+                means = engine.chunk_means(metrics, ("loss",), j)
+                if means:
+                    m.losses.append(means["loss"])
+            advanced = int(np.asarray(metrics["active"], bool).sum())
+            bar.update(advanced)
+            if callback is not None:
+                done = np.asarray([min(lo + chunk, s) for s in steps])
+                callback(_variables(state), done, [m.index for m in members])
+        if any(m.directory is not None for m in members):
+            now = time.perf_counter()
+            due = [
+                j
+                for j, m in enumerate(members)
+                if m.directory is not None
+                and epoch >= m.start
+                and (epoch + 1 == config.epochs or now - last_save[j] >= every)
+            ]
+            if due:
+                host = engine.unstack(state, real)
+                share = timer.seconds / real
+                for j in due:
+                    m = members[j]
+                    meta = {**m.meta, "seconds": m.seconds + share}
+                    checkpointing.save(m.directory, epoch + 1, host[j], meta)
+                    last_save[j] = time.perf_counter()
+    bar.close()
+    jax.block_until_ready(state)
+    host = engine.unstack(state, real)
+    share, compile_share = timer.seconds / real, timer.compile_seconds / real
+    return [
+        (_variables(host[j]), _info(m, config, share, compile_share)) for j, m in enumerate(members)
+    ]
+
+
+def _info(m: _Member, config: TrainConfig, seconds: float, compile_seconds: float) -> dict:
+    return {
+        "epochs_run": config.epochs - m.start,
+        "resumed_from": m.start,
+        "losses": m.losses,
+        "seconds": m.seconds + seconds,
+        "compile_seconds": compile_seconds,
+    }
 
 
 def train_model(
     model: nn.Module,
     variables: dict,
     *,
-    images: jax.Array,
-    labels: jax.Array,
+    data: DeviceData,
     items: np.ndarray,
-    spec: InputSpec,
-    mesh: Mesh,
-    epochs: int,
+    config: TrainConfig,
     seed: int,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 1e-4,
     checkpoint_dir: str | Path | None = None,
     meta: dict | None = None,
-    chunk_steps: int = 250,
-    callback: Callable[[int, dict], None] | None = None,
-    use_scan: bool | None = None,
-    progress: bool = True,
-    desc: str = "train",
+    **kwargs,
 ) -> tuple[dict, dict]:
-    """The reference recipe: Adam(lr, coupled weight decay), cross-entropy, shuffled batches.
-
-    Args:
-      variables: initial `{'params', 'batch_stats'}`.
-      images, labels: the whole training split, already on device (`sharding.replicate`).
-      items: `[n]` indices of the items to train on (all of D, or D_r for retraining).
-      checkpoint_dir: where to save a `TrainState` after every epoch and resume from.
-      meta: JSON description stored with (and checked against) the checkpoint.
-      chunk_steps: steps between host checks (NaN, progress); `callback(global_step,
-        variables)` runs after each chunk.
-      use_scan: run a chunk as one `lax.scan` (default: on accelerators, not on CPU).
-
-    Returns `(variables, info)` with info `{'epochs_run', 'resumed_from', 'losses', 'seconds'}`.
-    A finished run in `checkpoint_dir` is restored and returned without training.
-    """
-    sharding.check_batch_size(batch_size, mesh)
-    if len(items) == 0:
-        raise ValueError("cannot train on an empty set of items")
-    tx = adam_l2(learning_rate, weight_decay)
-    state = sharding.replicate(init_train_state(variables, tx), mesh)
-    meta = dict(meta or {})
-    start, seconds = 0, 0.0
-    if checkpoint_dir is not None and checkpointing.latest_step(checkpoint_dir) is not None:
-        start, state, saved = checkpointing.restore(
-            checkpoint_dir, abstract_state=checkpointing.abstract_like(state), expected_meta=meta
-        )
-        start, seconds = min(start, epochs), float(saved.get("seconds", 0.0))
-    t0 = time.perf_counter() - seconds
-    run = make_train_runner(model, tx, spec, mesh, use_scan)
-    # Plans index a full-length item table so that training on D and on D_r share one compile.
-    n_total = images.shape[0]
-    table = np.zeros(max(n_total, len(items)), np.int32)
-    table[: len(items)] = items
-    items_dev = sharding.replicate(table, mesh)
-    chunk = max(1, min(chunk_steps, -(-n_total // batch_size)))
-    key = jax.random.key(seed)
-    steps_per_epoch = -(-len(items) // batch_size)
-    losses = []
-    bar = tqdm(
-        total=epochs * steps_per_epoch,
-        initial=start * steps_per_epoch,
-        desc=desc,
-        unit="step",
-        disable=not progress,
-        leave=False,
+    """`train_population` with one member: returns `(variables, info)`."""
+    ((out, info),) = train_population(
+        model,
+        [variables],
+        data=data,
+        items=[items],
+        seeds=[seed],
+        config=config,
+        checkpoint_dirs=[checkpoint_dir],
+        metas=[meta],
+        **kwargs,
     )
-    for epoch in range(start, epochs):
-        plan = shuffled_batches(len(items), batch_size, np.random.default_rng([seed, 3, epoch]))
-        ids, mask = pad_plan(plan, chunk)
-        for lo in range(0, len(ids), chunk):
-            part = (ids[lo : lo + chunk], mask[lo : lo + chunk])
-            state, metrics = run(state, (images, labels, items_dev, key), part)
-            metrics = jax.device_get(metrics)
-            check_finite(metrics, f"{desc} epoch {epoch + 1}")
-            done = min(lo + chunk, steps_per_epoch)
-            losses.append(chunk_means(metrics, ("loss",))["loss"])
-            bar.update(done - min(lo, steps_per_epoch))
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.4f}")
-            if callback is not None:
-                callback(epoch * steps_per_epoch + done, state_variables(state))
-        if checkpoint_dir is not None:
-            seconds = time.perf_counter() - t0
-            checkpointing.save(checkpoint_dir, epoch + 1, state, {**meta, "seconds": seconds})
-    jax.block_until_ready(state)
-    bar.close()
-    info = {
-        "epochs_run": epochs - start,
-        "resumed_from": start,
-        "losses": losses,
-        "seconds": time.perf_counter() - t0,  # Training time, earlier sessions' included.
-    }
-    return state_variables(state), info
+    return out, info
 
 
-def state_variables(state) -> dict:
-    """`{'params', 'batch_stats'}` of a training or unlearning state."""
+def _variables(state) -> dict:
+    """`{'params', 'batch_stats'}` of a training or unlearning state (stacked or not)."""
     return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+state_variables = _variables

@@ -1,42 +1,37 @@
 """CaMU unlearning end to end: counterfactual construction, then the two-optimizer epochs.
 
-Counterfactuals are built once (pairing, labels, per-item noise) and the frozen original's
-embeddings of them are computed once in eval mode; so are its embeddings of D_s when inputs are
-not augmented. The reference recomputes both teacher passes every step; the values are the same.
+Runs as a population on the loop engine (`camu_jax.engine`): one member per (seed, forget
+set), each with its own frozen original, counterfactuals and index plans; `unlearn` is a
+population of one. Counterfactuals are built once (pairing and labels on the host, per-item
+noise from a key) and the frozen original's embeddings of them are computed once in eval mode,
+for every member in one batched pass; so are its embeddings of D_s when inputs are not
+augmented. The reference recomputes both teacher passes every step; the values are the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from camu_jax import sharding
-from camu_jax.counterfactual import counterfactual_inputs, make_counterfactuals
+from camu_jax import engine, sharding
+from camu_jax.counterfactual import make_counterfactuals
 from camu_jax.data.pipeline import (
+    DeviceData,
     InputSpec,
     item_keys,
-    pad_to_batches,
     preprocess,
     shuffled_batches,
 )
 from camu_jax.data.splits import Splits
+from camu_jax.evaluation import predict
 from camu_jax.steps import CamuCoefficients, adam_l2, apply_model, camu_step, init_camu_state
-from camu_jax.training import (
-    StepRunner,
-    any_real_example,
-    check_finite,
-    chunk_means,
-    pad_plan,
-    state_variables,
-)
 
 MNIST_LIKE = ("digits", "mnist", "fashion_mnist")
 CIFAR_LIKE = ("cifar10", "cifar100")
@@ -75,177 +70,283 @@ def camu_preset(dataset: str, scenario: str) -> CamuConfig:
     return _PRESETS[(family, scenario)]
 
 
-def _embed(model, variables, images, rows, spec, mesh, *, aug_key, noise_key, noise, bs=1024):
-    """Eval-mode embeddings of `images[rows]`, item i augmented with the fixed key of item i and
-    plus its counterfactual noise times `noise` (1.0 for x_cf, 0.0 for plain inputs)."""
-    rows_dev = sharding.replicate(np.asarray(rows, np.int32), mesh)
-    bs = max(bs - bs % mesh.devices.size, mesh.devices.size)
-    ids, _ = pad_to_batches(np.arange(len(rows), dtype=np.int32), bs)
-    scale = jnp.float32(noise)
-    out = [
-        _embed_batch(model, spec)(
-            variables, images, rows_dev, aug_key, noise_key, scale, sharding.shard_batch(i, mesh)
-        )
-        for i in ids
-    ]
-    return jnp.concatenate(out)[: len(rows)]
-
-
-@functools.lru_cache(maxsize=16)
-def _embed_batch(model: nn.Module, spec: InputSpec):
-    @jax.jit
-    def run(variables, images, rows, aug_key, noise_key, scale, ids):
-        keys = item_keys(aug_key, ids) if spec.augment else None
-        x = preprocess(images[rows[ids]], spec, augment_keys=keys)
-        x = x + scale * (counterfactual_inputs(noise_key, item_ids=ids, sample_inputs=x) - x)
-        _, emb, _ = apply_model(
-            model, variables["params"], variables["batch_stats"], x, train=False
-        )
-        return emb
-
-    return run
-
-
-def make_camu_runner(
-    model: nn.Module, config: CamuConfig, spec: InputSpec, mesh: Mesh, use_scan=None
-):
-    """CaMU double steps over device-resident data: consts `(teacher, data, key)`, plan
-    `(f_ids, f_mask, s_ids, s_mask)`, each `[k, batch]`. Returns `(runner, kl_tx, ce_tx)`."""
+def camu_program(model: nn.Module, config: CamuConfig, spec: InputSpec, mesh: Mesh):
+    """CaMU double steps: member data `forget_rows`, `sample_rows`, `y_cf`, `z0_cf`, `z0_s`
+    (or the `teacher` when inputs are augmented), keys `aug_key`, `step_key`; plan rows
+    `f_ids`, `f_mask`, `s_ids`, `s_mask`. Returns `(program, kl_tx, ce_tx)`."""
     kl_tx = adam_l2(config.kl_lr, config.weight_decay)
     ce_tx = adam_l2(config.impair_lr, config.weight_decay)
     step = functools.partial(
         camu_step, model=model, kl_tx=kl_tx, ce_tx=ce_tx, coefficients=config.coefficients
     )
 
-    def make_batch(state, consts, xs):
-        teacher, data, key = consts
-        fi, fm, si, sm = xs
-        f_rows = data["forget_rows"][fi]
+    def make_batch(state, shared, member, row):
+        images, labels = shared
+        fi, si = row["f_ids"], row["s_ids"]
+        aug_key = jax.random.wrap_key_data(member["aug_key"])
+        f_rows = member["forget_rows"][fi]
         x_f = preprocess(
-            data["images"][f_rows],
-            spec,
-            augment_keys=item_keys(data["aug_key"], fi) if spec.augment else None,
+            images[f_rows], spec, augment_keys=item_keys(aug_key, fi) if spec.augment else None
         )
-        s_rows = data["sample_rows"][si]
-        s_keys = item_keys(jax.random.fold_in(key, state.step), si) if spec.augment else None
-        x_s = preprocess(data["images"][s_rows], spec, augment_keys=s_keys)
+        s_rows = member["sample_rows"][si]
+        s_keys = None
+        if spec.augment:
+            step_key = jax.random.wrap_key_data(member["step_key"])
+            s_keys = item_keys(jax.random.fold_in(step_key, state.step), si)
+        x_s = preprocess(images[s_rows], spec, augment_keys=s_keys)
         if spec.augment:  # Fresh augmentation every step: the teacher must see it too.
+            teacher = member["teacher"]
             _, z0_s, _ = apply_model(
                 model, teacher["params"], teacher["batch_stats"], x_s, train=False
             )
         else:
-            z0_s = data["z0_s"][si]
+            z0_s = member["z0_s"][si]
         batch = {
             "x_f": x_f,
             "x_s": x_s,
-            "y_s": data["labels"][s_rows],
-            "y_cf": data["y_cf"][fi],
+            "y_s": labels[s_rows],
+            "y_cf": member["y_cf"][fi],
             "z0_s": z0_s,
-            "z0_cf": data["z0_cf"][fi],
-            "mask_f": fm,
-            "mask_s": sm,
+            "z0_cf": member["z0_cf"][fi],
+            "mask_f": row["f_mask"],
+            "mask_s": row["s_mask"],
         }
         return sharding.constrain_batch(batch, mesh)
 
-    runner = StepRunner(step, make_batch, mesh, active_fn=any_real_example, use_scan=use_scan)
-    return runner, kl_tx, ce_tx
+    return engine.Program(step, make_batch), kl_tx, ce_tx
+
+
+@functools.lru_cache(maxsize=16)
+def _engine(model, config, spec, mesh, use_scan):
+    # One engine per (model, config): a study's waves and calls reuse its compiled programs.
+    program, kl_tx, ce_tx = camu_program(model, config, spec, mesh)
+    return engine.Engine(program, mesh, use_scan=use_scan), kl_tx, ce_tx
+
+
+def member_keys(seed: int) -> dict[str, np.ndarray]:
+    """A run's keys (as key data): counterfactual noise, fixed augmentations, step keys."""
+    noise, aug, step = jax.random.split(jax.random.key(seed), 3)
+    return {
+        k: np.asarray(jax.random.key_data(v))
+        for k, v in zip(("noise", "aug", "step"), (noise, aug, step), strict=True)
+    }
+
+
+def epoch_plan(n_forget: int, n_sample: int, batch_size: int, seed: int, epoch: int):
+    """One epoch of the reference's `zip` of a shuffled D_f (counterfactual) loader and a
+    shuffled D_s loader: `zip` stops at the shorter one."""
+    rng = np.random.default_rng([seed, 4, epoch])
+    f_ids, f_mask = shuffled_batches(n_forget, batch_size, rng)
+    s_ids, s_mask = shuffled_batches(n_sample, batch_size, rng)
+    steps = min(len(f_ids), len(s_ids))
+    return {
+        "f_ids": f_ids[:steps],
+        "f_mask": f_mask[:steps],
+        "s_ids": s_ids[:steps],
+        "s_mask": s_mask[:steps],
+    }
+
+
+def unlearn_population(
+    model: nn.Module,
+    originals: Sequence[dict],
+    *,
+    data: DeviceData,
+    splits: Sequence[Splits],
+    seeds: Sequence[int],
+    num_classes: int,
+    config: CamuConfig,
+    names: Sequence[str] | None = None,
+    population_size: int | None = None,
+    chunk_steps: int = 250,
+    use_scan: bool | None = None,
+    progress: bool = True,
+) -> list[tuple[dict, dict]]:
+    """Runs CaMU for every member (frozen original `originals[i]`, `splits[i]`, `seeds[i]`),
+    at most `population_size` at a time (default all); returns per member `(variables, info)`.
+
+    info: `seconds` (the member's share of its wave: counterfactual construction +
+    unlearning, compile included, the reference's "time"), `construct_seconds`,
+    `compile_seconds`, `losses` (per chunk means), `steps`, `counterfactual_labels`,
+    `counterfactual_pair`.
+    """
+    sharding.check_batch_size(config.batch_size, data.mesh)
+    count = len(originals)
+    names = list(names or [f"camu {i}" for i in range(count)])
+    size = min(population_size or count, count)
+    size = -(-size // sharding.member_devices(data.mesh)) * sharding.member_devices(data.mesh)
+    run, kl_tx, ce_tx = _engine(model, config, data.spec, data.mesh, use_scan)
+    results: list = [None] * count
+    for wave in engine.waves(count, size):
+        outs = _unlearn_wave(
+            run,
+            model,
+            [originals[i] for i in wave],
+            data,
+            [splits[i] for i in wave],
+            [seeds[i] for i in wave],
+            [names[i] for i in wave],
+            size,
+            num_classes,
+            config,
+            kl_tx,
+            ce_tx,
+            chunk_steps,
+            progress,
+        )
+        for i, out in zip(wave, outs, strict=True):
+            results[i] = out
+    return results
+
+
+def _unlearn_wave(
+    run,
+    model,
+    originals,
+    data,
+    splits,
+    seeds,
+    names,
+    size,
+    num_classes,
+    config,
+    kl_tx,
+    ce_tx,
+    chunk_steps,
+    progress,
+):
+    timer = engine.Timer()
+    mesh, real, b = data.mesh, len(originals), config.batch_size
+    pad = functools.partial(engine.pad_members, size=size)
+    originals, splits, seeds, names = pad(originals), pad(splits), pad(seeds), pad(names)
+    forget = [np.tile(s.forget, s.repeat).astype(np.int32) for s in splits]
+    sample = [s.sample.astype(np.int32) for s in splits]
+    cfs = [
+        make_counterfactuals(
+            np.random.default_rng([seed, 6]),
+            forget_labels=data.host_labels[f],
+            sample_labels=data.host_labels[s],
+            num_classes=num_classes,
+        )
+        for seed, f, s in zip(seeds, forget, sample, strict=True)
+    ]
+    keys = [member_keys(seed) for seed in seeds]
+    nf, ns = max(len(f) for f in forget), max(len(s) for s in sample)
+
+    def padded(arrays, width):
+        out = np.zeros((size, width), np.int32)
+        for j, a in enumerate(arrays):
+            out[j, : len(a)] = a
+        return out
+
+    teacher = sharding.shard_members(_stack(originals), mesh)
+    cf_rows = padded([s[cf.pair] for s, cf in zip(sample, cfs, strict=True)], nf)
+    aug_keys = np.stack([k["aug"] for k in keys])
+    # x_cf of item i: the paired sample's fixed augmentation (key of item i) plus its noise.
+    member = {
+        "forget_rows": padded(forget, nf),
+        "sample_rows": padded(sample, ns),
+        "y_cf": padded([cf.labels for cf in cfs], nf),
+        "aug_key": aug_keys,
+        "step_key": np.stack([k["step"] for k in keys]),
+    }
+    member = sharding.shard_members(member, mesh)
+    member["z0_cf"] = predict(
+        model,
+        teacher,
+        data,
+        cf_rows,
+        embedding=True,
+        aug_keys=aug_keys if data.spec.augment else None,
+        noise_keys=np.stack([k["noise"] for k in keys]),
+        fetch=False,
+    )
+    if data.spec.augment:
+        member["teacher"] = teacher
+    else:
+        member["z0_s"] = predict(
+            model, teacher, data, padded(sample, ns), embedding=True, fetch=False
+        )
+    jax.block_until_ready(member)
+    construct_seconds = timer.seconds
+
+    state = sharding.shard_members(
+        _stack([init_camu_state(o, kl_tx, ce_tx) for o in originals]), mesh
+    )
+    shared = (data.images, data.labels)
+    steps = [min(-(-len(f) // b), -(-len(s) // b)) for f, s in zip(forget, sample, strict=True)]
+    chunk = max(1, min(chunk_steps, max(steps)))
+    losses = [[] for _ in range(real)]
+    bar = tqdm(
+        total=config.epochs * sum(steps[:real]),
+        desc="camu",
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
+    for epoch in range(config.epochs):
+        plans = []
+        for j in range(size):
+            plan = epoch_plan(len(forget[j]), len(sample[j]), b, seeds[j], epoch)
+            if j >= real:
+                plan = {k: np.zeros_like(v) for k, v in plan.items()}
+            plans.append(plan)
+        plan = engine.pad_steps(engine.stack_plans(plans), chunk)
+        for lo in range(0, plan["f_ids"].shape[1], chunk):
+            part = {k: v[:, lo : lo + chunk] for k, v in plan.items()}
+            state, metrics = run(state, shared, member, part)
+            metrics = sharding.fetch(metrics)
+            engine.check_finite(metrics, names, f"camu epoch {epoch + 1}")
+            for j in range(real):
+                means = engine.chunk_means(metrics, ("loss_rep", "loss_out"), j)
+                if means:
+                    losses[j].append(means)
+            bar.update(int(np.asarray(metrics["active"], bool)[:, :real].sum()))
+    bar.close()
+    host = engine.unstack({"params": state.params, "batch_stats": state.batch_stats}, real)
+    share = timer.seconds / real
+    return [
+        (
+            host[j],
+            {
+                "seconds": share,
+                "construct_seconds": construct_seconds / real,
+                "compile_seconds": timer.compile_seconds / real,
+                "steps": config.epochs * steps[j],
+                "losses": losses[j],
+                "counterfactual_labels": cfs[j].labels,
+                "counterfactual_pair": cfs[j].pair,
+            },
+        )
+        for j in range(real)
+    ]
 
 
 def unlearn(
     model: nn.Module,
     original: dict,
     *,
-    images: jax.Array,
-    labels: jax.Array,
+    data: DeviceData,
     splits: Splits,
     num_classes: int,
-    spec: InputSpec,
-    mesh: Mesh,
     config: CamuConfig,
     seed: int,
-    chunk_steps: int = 250,
-    use_scan: bool | None = None,
-    progress: bool = True,
+    **kwargs,
 ) -> tuple[dict, dict]:
-    """Runs CaMU from the original model; returns `(variables, info)`.
-
-    Args:
-      original: the frozen original `{'params', 'batch_stats'}` (never modified).
-      images, labels: the whole training split on device (`sharding.replicate`).
-      splits: D_f, D_r, D_s indices; D_f is repeated `splits.repeat` times.
-
-    info: `seconds` (counterfactual construction + unlearning, compile included, the
-    reference's "time"), `construct_seconds`, `losses` (per chunk means), `steps`.
-    """
-    sharding.check_batch_size(config.batch_size, mesh)
-    t0 = time.perf_counter()
-    cf_key, aug_key, step_key = jax.random.split(jax.random.key(seed), 3)
-    forget_rows = np.tile(splits.forget, splits.repeat).astype(np.int32)
-    sample_rows = splits.sample.astype(np.int32)
-    host_labels = np.asarray(jax.device_get(labels))
-    cf = jax.jit(make_counterfactuals, static_argnames="num_classes")(
-        cf_key,
-        forget_labels=jnp.asarray(host_labels[forget_rows]),
-        sample_labels=jnp.asarray(host_labels[sample_rows]),
-        num_classes=num_classes,
-    )
-    cf_rows = sample_rows[np.asarray(cf.pair)]
-    # x_cf for item i is the paired sample's fixed augmentation (key of item i) plus its noise.
-    embed = functools.partial(
-        _embed,
+    """Runs CaMU from the frozen `original` (never modified); `unlearn_population` with one
+    member. Returns `(variables, info)`."""
+    ((out, info),) = unlearn_population(
         model,
-        original,
-        images,
-        spec=spec,
-        mesh=mesh,
-        aug_key=aug_key,
-        noise_key=cf.noise_key,
+        [original],
+        data=data,
+        splits=[splits],
+        seeds=[seed],
+        num_classes=num_classes,
+        config=config,
+        **kwargs,
     )
-    z0_cf = embed(cf_rows, noise=1.0)
-    data = {
-        "images": images,
-        "labels": labels,
-        "forget_rows": sharding.replicate(forget_rows, mesh),
-        "sample_rows": sharding.replicate(sample_rows, mesh),
-        "y_cf": cf.labels,
-        "z0_cf": z0_cf,
-        "z0_s": None if spec.augment else embed(sample_rows, noise=0.0),
-        "aug_key": aug_key,
-    }
-    jax.block_until_ready(data)
-    construct_seconds = time.perf_counter() - t0
+    return out, info
 
-    run, kl_tx, ce_tx = make_camu_runner(model, config, spec, mesh, use_scan)
-    state = sharding.replicate(init_camu_state(original, kl_tx, ce_tx), mesh)
-    n_f, n_s, b = len(forget_rows), len(sample_rows), config.batch_size
-    steps = min(-(-n_f // b), -(-n_s // b))  # `zip` of the two loaders
-    chunk = max(1, min(chunk_steps, steps))
-    losses = []
-    bar = tqdm(
-        total=config.epochs * steps, desc="camu", unit="step", disable=not progress, leave=False
-    )
-    for epoch in range(config.epochs):
-        rng = np.random.default_rng([seed, 4, epoch])
-        f_ids, f_mask = shuffled_batches(n_f, b, rng)
-        s_ids, s_mask = shuffled_batches(n_s, b, rng)
-        plan = pad_plan((f_ids[:steps], f_mask[:steps], s_ids[:steps], s_mask[:steps]), chunk)
-        for lo in range(0, len(plan[0]), chunk):
-            part = tuple(p[lo : lo + chunk] for p in plan)
-            state, metrics = run(state, (original, data, step_key), part)
-            metrics = jax.device_get(metrics)
-            check_finite(metrics, f"camu epoch {epoch + 1}")
-            losses.append(chunk_means(metrics, ("loss_rep", "loss_out")))
-            bar.update(min(lo + chunk, steps) - min(lo, steps))
-            bar.set_postfix(epoch=epoch + 1, **{k: f"{v:.4f}" for k, v in losses[-1].items()})
-    variables = jax.block_until_ready(state_variables(state))
-    bar.close()
-    seconds = time.perf_counter() - t0
-    info = {
-        "seconds": seconds,
-        "construct_seconds": construct_seconds,
-        "steps": config.epochs * steps,
-        "losses": losses,
-        "counterfactual_labels": np.asarray(cf.labels),
-        "counterfactual_pair": np.asarray(cf.pair),
-    }
-    return variables, info
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +51,38 @@ def input_spec_for(dataset: str, model: str) -> InputSpec:
     return InputSpec()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeviceData:
+    """One split on device, with what every loop over it needs.
+
+    images: uint8 `[N, H, W, C]`, labels: int32 `[N]`, both replicated over `mesh`;
+    host_labels: the same labels on the host (index plans and metrics); spec: how images
+    become model inputs; mesh: the `(member, data)` mesh they live on.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+    host_labels: np.ndarray
+    spec: InputSpec
+    mesh: Mesh
+
+    @classmethod
+    def put(cls, images, labels, *, spec: InputSpec, mesh: Mesh) -> DeviceData:
+        from camu_jax import sharding
+
+        host_labels = np.asarray(labels, np.int32)
+        dev_images, dev_labels = sharding.replicate((np.asarray(images), host_labels), mesh)
+        return cls(dev_images, dev_labels, host_labels, spec, mesh)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.spec.input_shape(tuple(self.images.shape[1:]))
+
+
 def _augment_one(key: jax.Array, image: jax.Array) -> jax.Array:
     flip_key, crop_key = jax.random.split(key)
     image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
@@ -62,16 +95,18 @@ def _augment_one(key: jax.Array, image: jax.Array) -> jax.Array:
 def preprocess(
     images: jax.Array, spec: InputSpec, *, augment_keys: jax.Array | None = None
 ) -> jax.Array:
-    """uint8 `[b, H, W, C]` -> float32 `[b, H', W', C]`; `augment_keys` (`[b]` keys) enables
-    augmentation (only when `spec.augment`)."""
-    x = images.astype(jnp.float32) / 255.0
+    """uint8 `[b, H, W, C]` -> float `[b, H', W', C]`; `augment_keys` (`[b]` keys) enables
+    augmentation (only when `spec.augment`). The float type is JAX's default: float32, or
+    float64 when x64 is enabled (the float64 equivalence tests)."""
+    dtype = jnp.result_type(float)
+    x = images.astype(dtype) / 255.0
     if spec.augment and augment_keys is not None:
         x = jax.vmap(_augment_one)(augment_keys, x)
     if spec.resize:
         b, _, _, c = x.shape
         x = jax.image.resize(x, (b, spec.resize, spec.resize, c), "bilinear")
-    mean = jnp.asarray(spec.mean, jnp.float32)
-    std = jnp.asarray(spec.std, jnp.float32)
+    mean = jnp.asarray(spec.mean, dtype)
+    std = jnp.asarray(spec.std, dtype)
     return (x - mean) / std
 
 

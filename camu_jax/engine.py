@@ -1,0 +1,261 @@
+"""The loop engine: populations of runs stepped together, one compiled program per phase.
+
+A *member* is one run of a phase: the original model of one seed, the retrain or the
+unlearning of one (seed, forget set), one relearning check. Members are stacked along a leading
+`member` axis (state, per-member device data, `[members, steps, batch]` index plans) and one
+jitted call `vmap`s the pure per-member step over them; a population of one is the sequential
+run. Plans are padded to the longest member: a step whose plan row holds no real example
+leaves its member's state bit-identical (a select, not an update), so members of different
+lengths, and waves of members, share one compiled program.
+
+On accelerators a chunk of steps is one `lax.scan`; on CPU each step is its own jitted call,
+because XLA:CPU runs convolutions inside a `while` loop ~10x slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from camu_jax import sharding
+
+PyTree = Any
+Plan = dict[str, np.ndarray]  # name -> [members, steps, batch] (host)
+
+
+def default_use_scan() -> bool:
+    """Scan chunks of steps on accelerators (one launch per chunk); one jitted call per step on
+    CPU, where XLA runs convolutions inside a `while` loop ~10x slower (measured on the CNN)."""
+    return jax.default_backend() != "cpu"
+
+
+def row_active(row: dict) -> jax.Array:
+    """A plan row is active when one of its masks (keys containing `mask`) marks an example."""
+    masks = [v for k, v in row.items() if "mask" in k]
+    return sum(jnp.sum(m) for m in masks) > 0
+
+
+def _tree_select(pred: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """True when every floating leaf of `tree` is finite (a scalar, for one member)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The pure pieces of one phase, for ONE member (the engine vmaps them).
+
+    step: `(state, batch) -> (state, metrics)`; metrics a flat dict of scalars with `finite`.
+    make_batch: `(state, shared, member, row) -> batch`, inside jit: builds a step's batch from
+      the device-resident `shared` data (images, labels), the member's own device data (index
+      tables, teacher outputs, keys) and one plan row (`{name: [batch]}`).
+    """
+
+    step: Callable[[PyTree, dict], tuple[PyTree, dict]]
+    make_batch: Callable[[PyTree, PyTree, PyTree, dict], dict]
+
+
+class Engine:
+    """Runs `[members, k, batch]` plan chunks of a `Program` over a population.
+
+    `state, metrics = engine(state, shared, member, plan)`: `state` and `member` carry the
+    leading member axis (sharded over the mesh's `member` axis); metrics come back `[k,
+    members]` with `active` and, per chunk, `state_finite` `[members]` (the state's floating
+    leaves, checked after the chunk). The state is donated.
+    """
+
+    def __init__(self, program: Program, mesh: Mesh, *, use_scan: bool | None = None):
+        self.mesh = mesh
+        self.use_scan = default_use_scan() if use_scan is None else use_scan
+        # Fake CPU devices can deadlock in an all-reduce unless every step is waited for.
+        self.sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
+
+        def one(state, shared, member, row):
+            batch = program.make_batch(state, shared, member, row)
+            new_state, metrics = program.step(state, batch)
+            active = row_active(row)
+            metrics = {k: jnp.where(active, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+            metrics["finite"] = jnp.logical_or(metrics.get("finite", True), ~active)
+            metrics["active"] = active
+            return _tree_select(active, new_state, state), metrics
+
+        # spmd_axis_name: sharding constraints inside the step (the batch over `data`) get the
+        # member axis for the vmapped dimension.
+        vstep = jax.vmap(one, in_axes=(0, None, 0, 0), spmd_axis_name=sharding.MEMBER_AXIS)
+        vfinite = jax.vmap(all_finite)
+
+        def loop_one(state, shared, member, row):
+            state, metrics = vstep(state, shared, member, row)
+            return state, metrics
+
+        def scan(state, shared, member, plan):
+            state, metrics = jax.lax.scan(lambda s, row: vstep(s, shared, member, row), state, plan)
+            return state, metrics, vfinite(state)
+
+        self._one = jax.jit(loop_one, donate_argnums=0)
+        self._scan = jax.jit(scan, donate_argnums=0)
+        self._finite = jax.jit(vfinite)
+
+    def compiled_count(self) -> int:
+        """How many programs the engine's jitted functions hold (1 per mode when shapes are
+        stable); for compile-once tests."""
+        return sum(f._cache_size() for f in (self._one, self._scan, self._finite))
+
+    def __call__(self, state, shared, member, plan: Plan):
+        if self.use_scan:
+            rows = {k: np.swapaxes(v, 0, 1) for k, v in plan.items()}  # [k, P, b]
+            state, metrics, finite = self._scan(
+                state, shared, member, sharding.shard_members(rows, self.mesh, axis=1, batch=True)
+            )
+            return state, {**metrics, "state_finite": finite}
+        steps = next(iter(plan.values())).shape[1]
+        out = []
+        for j in range(steps):
+            row = {k: v[:, j] for k, v in plan.items()}
+            if not any(np.any(v) for k, v in row.items() if "mask" in k):
+                continue  # no member has a real example in this row
+            state, metrics = self._one(
+                state, shared, member, sharding.shard_members(row, self.mesh, batch=True)
+            )
+            if self.sync:
+                jax.block_until_ready(state)
+            out.append(metrics)
+        if out:
+            metrics = jax.tree.map(lambda *m: jnp.stack(m), *out)
+        else:
+            members = next(iter(plan.values())).shape[0]
+            metrics = {"active": np.zeros((0, members), bool), "finite": np.ones((0, members))}
+        return state, {**metrics, "state_finite": self._finite(state)}
+
+
+# ------------------------------------------------------------------------------ host side
+
+
+def pad_steps(plan: Plan, multiple: int) -> Plan:
+    """Pads `[members, steps, batch]` plans with all-zero (inactive) steps to a multiple of
+    `multiple` steps."""
+    steps = next(iter(plan.values())).shape[1]
+    extra = -steps % multiple
+    return {
+        k: np.concatenate([v, np.zeros((v.shape[0], extra, *v.shape[2:]), v.dtype)], axis=1)
+        for k, v in plan.items()
+    }
+
+
+def stack_plans(plans: Sequence[Plan]) -> Plan:
+    """Per-member `[steps_i, batch]` plans -> one `[members, max steps, batch]` plan; a
+    shorter member is padded with inactive steps at its end."""
+    steps = max(next(iter(p.values())).shape[0] for p in plans)
+    out = {}
+    for key in plans[0]:
+        parts = []
+        for p in plans:
+            v = p[key]
+            pad = np.zeros((steps - v.shape[0], *v.shape[1:]), v.dtype)
+            parts.append(np.concatenate([v, pad]))
+        out[key] = np.stack(parts)
+    return out
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Host or device trees of identical structure -> one tree with a leading member axis."""
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def unstack(tree: PyTree, count: int) -> list[PyTree]:
+    """The first `count` members of a stacked tree, as host trees."""
+    host = sharding.fetch(tree)
+    return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(count)]
+
+
+def check_finite(metrics: dict, names: Sequence[str], where: str) -> None:
+    """Raises FloatingPointError naming the member, phase and step of the first non-finite loss
+    or state (host arrays `[k, members]` / `[members]`)."""
+    finite = np.asarray(metrics["finite"], bool)
+    for m, name in enumerate(names):
+        if finite.size and not finite[:, m].all():
+            step = int(np.argmin(finite[:, m]))
+            values = {
+                k: float(np.asarray(v)[step, m])
+                for k, v in metrics.items()
+                if k not in ("finite", "active", "state_finite")
+            }
+            raise FloatingPointError(
+                f"non-finite loss {values} at {where} ({name}), step {step} of the chunk; "
+                "stopping before anything of this epoch is saved (lower the learning rate or "
+                "check the inputs)"
+            )
+        if not bool(np.asarray(metrics["state_finite"])[m]):
+            raise FloatingPointError(
+                f"non-finite parameters at {where} ({name}); stopping before anything of this "
+                "epoch is saved (lower the learning rate or check the inputs)"
+            )
+
+
+def chunk_means(metrics: dict, keys: Sequence[str], member: int) -> dict[str, float]:
+    """Means of `keys` over the active steps of one member in a chunk's host metrics."""
+    active = np.asarray(metrics["active"], bool)[:, member]
+    if not active.any():
+        return {}
+    return {k: float(np.mean(np.asarray(metrics[k])[active, member])) for k in keys}
+
+
+def waves(count: int, size: int) -> list[list[int]]:
+    """Member indices in waves of at most `size`."""
+    return [list(range(lo, min(lo + size, count))) for lo in range(0, count, size)]
+
+
+def pad_members(items: list, size: int) -> list:
+    """Pads a wave's per-member list to `size` entries by repeating its first member, so every
+    wave has one shape (one compile); padded members get all-inactive plans."""
+    return items + [items[0]] * (size - len(items))
+
+
+class Timer:
+    """Wall seconds of a phase, and the compile seconds JAX reported inside it."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.compile0 = compile_seconds()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def compile_seconds(self) -> float:
+        return compile_seconds() - self.compile0
+
+
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_total = [0.0]
+_listening = [False]
+
+
+def _listener(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_total[0] += duration
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing, lowering and compiling (JAX's own compile
+    events; a persistent-cache hit counts its retrieval only)."""
+    if not _listening[0]:
+        jax.monitoring.register_event_duration_secs_listener(_listener)
+        _listening[0] = True
+    return _compile_total[0]
