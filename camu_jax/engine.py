@@ -211,6 +211,13 @@ def chunk_means(metrics: dict, keys: Sequence[str], member: int) -> dict[str, fl
     return {k: float(np.mean(np.asarray(metrics[k])[active, member])) for k in keys}
 
 
+def wave_size(population_size: int | None, count: int, mesh: Mesh) -> int:
+    """Members per wave: `population_size` (default: all `count`), at most `count`, rounded
+    up to a multiple of the mesh's member devices (padding members fill the rest)."""
+    size = min(population_size or count, count)
+    return -(-size // sharding.member_devices(mesh)) * sharding.member_devices(mesh)
+
+
 def waves(count: int, size: int) -> list[list[int]]:
     """Member indices in waves of at most `size`."""
     return [list(range(lo, min(lo + size, count))) for lo in range(0, count, size)]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from camu_jax import metrics, sharding
+from camu_jax import engine, metrics, sharding
 from camu_jax.counterfactual import counterfactual_inputs
 from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess
 from camu_jax.data.splits import Splits
@@ -244,8 +244,7 @@ def evaluate(
     depend on either setting.
     """
     count = len(variables)
-    size = min(population_size or count, count)
-    size = -(-size // sharding.member_devices(train.mesh)) * sharding.member_devices(train.mesh)
+    size = engine.wave_size(population_size, count, train.mesh)
     jobs = []
     for lo in range(0, count, size):
         wave = list(variables[lo : lo + size])

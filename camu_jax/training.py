@@ -180,8 +180,7 @@ def train_population(
         run = _engine(
             model, config.learning_rate, config.weight_decay, data.spec, data.mesh, use_scan
         )
-        size = population_size or len(pending)
-        size = _round_up(min(size, len(pending)), sharding.member_devices(data.mesh))
+        size = engine.wave_size(population_size, len(pending), data.mesh)
         for wave in engine.waves(len(pending), size):
             wave_members = [pending[i] for i in wave]
             for m, out in zip(
@@ -202,10 +201,6 @@ def train_population(
             ):
                 results[m.index] = out
     return results
-
-
-def _round_up(n: int, k: int) -> int:
-    return -(-n // k) * k
 
 
 def _train_wave(run, members, size, data, config, chunk_steps, callback, every, progress, desc):

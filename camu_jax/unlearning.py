@@ -173,8 +173,7 @@ def unlearn_population(
     sharding.check_batch_size(config.batch_size, data.mesh)
     count = len(originals)
     names = list(names or [f"camu {i}" for i in range(count)])
-    size = min(population_size or count, count)
-    size = -(-size // sharding.member_devices(data.mesh)) * sharding.member_devices(data.mesh)
+    size = engine.wave_size(population_size, count, data.mesh)
     run, kl_tx, ce_tx = _engine(model, config, data.spec, data.mesh, use_scan)
     results: list = [None] * count
     for wave in engine.waves(count, size):

@@ -28,8 +28,8 @@ from camu_jax.data.splits import ForgetSpec, make_splits
 from camu_jax.evaluation import evaluate
 from camu_jax.models import create_model
 from camu_jax.steps import adam_l2, init_train_state, init_variables
-from camu_jax.training import _engine as train_engine
 from camu_jax.training import TrainConfig, train_population
+from camu_jax.training import _engine as train_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAM_STEP_ERROR = 4.5e-7  # per step, float64 (module docstring)
@@ -80,7 +80,9 @@ def data():
 
 
 def _states(model, seeds, tx):
-    return [init_train_state(init_variables(model, jax.random.key(s), (8, 8, 1)), tx) for s in seeds]
+    return [
+        init_train_state(init_variables(model, jax.random.key(s), (8, 8, 1)), tx) for s in seeds
+    ]
 
 
 def test_padding_steps_leave_a_member_bit_identical(data):

@@ -97,8 +97,7 @@ def main():
         "eight_devices": train_population(model, variables, data=eight, **tkw),
     }
     out["train"] = {
-        name: [diff(r[0], s) for r, s in zip(res, tseq, strict=True)]
-        for name, res in tpops.items()
+        name: [diff(r[0], s) for r, s in zip(res, tseq, strict=True)] for name, res in tpops.items()
     }
     out["train_steps"] = [-(-len(it) // tconfig.batch_size) for it in items]
     json.dump(out, sys.stdout)
