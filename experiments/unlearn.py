@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,6 +122,10 @@ def config_from_args(args: argparse.Namespace):
             groups = (_ints(args.forget_class),)
         except argparse.ArgumentTypeError as e:
             raise ValueError(f"--forget-class: {e} (or 'all')") from None
+    if args.forget_indices is not None and args.forget_indices.is_dir():
+        raise ValueError(
+            f"--forget-indices {args.forget_indices} is a directory; expected a .npy or text file"
+        )
     indices: tuple[int, ...] = ()
     if args.forget_indices is not None:
         path = args.forget_indices
@@ -164,10 +169,35 @@ def config_from_args(args: argparse.Namespace):
     return config
 
 
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Raises ValueError unless `path` is, or can be created as, a writable directory.
+
+    Checked before any data is loaded or model trained, so a bad --workdir fails in seconds,
+    not when the first results are written. Writability is probed by creating (and removing)
+    a file in `path` or its nearest existing parent: permission bits say nothing about a
+    read-only mount, and nothing for root.
+    """
+    existing = path
+    try:
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is an existing file" if existing == path else f"lies under the file {existing}"
+            raise ValueError(f"{flag} {path} {where}, not a directory")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".camu-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is not writable ({existing}: {e.strerror or e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        check_writable_dir(Path(config.workdir), "--workdir")
+        if config.checkpoint_dir is not None:
+            check_writable_dir(Path(config.checkpoint_dir), "--checkpoint-dir")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
