@@ -19,7 +19,7 @@ from camu_jax.data.pipeline import input_spec_for
 from camu_jax.data.splits import Splits, make_splits
 from camu_jax.evaluation import predict_logits, reference_accuracies
 from camu_jax.models import create_model
-from camu_jax.reporting import atomic_write_bytes, build_reports, summarize
+from camu_jax.reporting import atomic_write_bytes, build_reports, remove_stale_temp_files, summarize
 from camu_jax.steps import init_variables
 from camu_jax.training import train_model
 from camu_jax.unlearning import unlearn
@@ -308,6 +308,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     }
     workdir = exp.workdir
     workdir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(workdir, workdir / "splits")  # Left by a killed run.
     results = {
         "config": _clean(dataclasses.asdict(config)),
         "dataset": config.dataset,
