@@ -264,6 +264,13 @@ def test_cli_workdir_that_is_or_lies_under_a_file(tmp_path, subpath, needle):
     assert (tmp_path / "file").read_text() == "keep"
 
 
+def test_cli_checkpoint_dir_that_is_a_file(tmp_path):
+    (tmp_path / "ckpt").write_text("keep")
+    proc = run_main("--workdir", str(tmp_path / "wd"), "--checkpoint-dir", str(tmp_path / "ckpt"))
+    assert_one_line_error(proc, f"--checkpoint-dir {tmp_path / 'ckpt'} is an existing file")
+    assert not (tmp_path / "wd").exists()
+
+
 def test_cli_workdir_on_read_only_file_system(tmp_path, read_only_dir):
     _assert_workdir_refused(tmp_path, read_only_dir / "wd", f"not writable ({read_only_dir}: ")
 
