@@ -79,6 +79,7 @@ class Experiment:
 
     # -- models ---------------------------------------------------------------------------
     def _meta(self, kind: str, seed: int, extra: dict | None = None) -> dict:
+        """The identity of a trained model: every setting that changes its weights."""
         c = self.config
         return {
             "kind": kind,
@@ -88,11 +89,19 @@ class Experiment:
             "input_shape": list(self.input_shape),
             "seed": seed,
             "epochs": c.original_epochs,
+            "batch_size": c.batch_size,
+            "learning_rate": c.learning_rate,
+            "weight_decay": c.weight_decay,
+            "train_data_sha256": self.data.train_fingerprint,
             **(extra or {}),
         }
 
-    def _train(self, kind: str, seed: int, items: np.ndarray, directory: Path, extra=None):
+    def _train(self, kind: str, seed: int, items: np.ndarray, name: str, extra=None):
+        """Trains (or restores) into `<kind>/<name>-<identity hash>`: a model trained with
+        other settings lives in its own directory instead of being restored by mistake."""
         c = self.config
+        meta = self._meta(kind, seed, extra)
+        ident = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:8]
         variables = init_variables(self.model, jax.random.key(seed), self.input_shape)
         return train_model(
             self.model,
@@ -107,28 +116,24 @@ class Experiment:
             batch_size=c.batch_size,
             learning_rate=c.learning_rate,
             weight_decay=c.weight_decay,
-            checkpoint_dir=directory,
-            meta=self._meta(kind, seed, extra),
+            checkpoint_dir=self.ckpt_root / kind / f"{name}-{ident}",
+            meta=meta,
             progress=c.progress,
             desc=f"{kind} seed {seed}",
         )
 
     def original(self, seed: int):
-        """The original model on all of D: trained once per (dataset, model, seed, epochs)."""
+        """The original model on all of D: trained once per identity (`_meta`)."""
         c = self.config
         name = f"{c.dataset}-{c.model}-seed{seed}-ep{c.original_epochs}"
-        return self._train(
-            "original", seed, np.arange(self.data.num_train), self.ckpt_root / "original" / name
-        )
+        return self._train("original", seed, np.arange(self.data.num_train), name)
 
     def retrain(self, seed: int, splits: Splits):
-        """The gold standard: the same recipe on D_r only, once per (…, split)."""
+        """The gold standard: the same recipe on D_r only, once per identity and split."""
         c = self.config
         digest = _digest(splits)
         name = f"{c.dataset}-{c.model}-seed{seed}-ep{c.original_epochs}-split{digest}"
-        return self._train(
-            "retrain", seed, splits.remain, self.ckpt_root / "retrain" / name, {"split": digest}
-        )
+        return self._train("retrain", seed, splits.remain, name, {"split": digest})
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, variables: dict, splits: Splits, forget_classes, seed: int) -> dict:
