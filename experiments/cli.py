@@ -99,6 +99,13 @@ DEFAULT_NOTES = {
     "workdir": "runs/<dataset>-<model>-<scenario>",
     "camu.batch_size": "--batch-size",
 }
+PRESET_CONFIGS = ("camu",)  # nested configs whose defaults come from a preset
+
+
+def _default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _show(value) -> str:
@@ -138,6 +145,8 @@ def add_config_arguments(
     `config.<dotted field path>` and no default."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
         name = f"{path}{field.name}"
         hint = _leaf_type(hints[field.name])
         if dataclasses.is_dataclass(hint):
@@ -155,10 +164,10 @@ def add_config_arguments(
             kwargs = _parser_for(name, hint)
         if name in DEFAULT_NOTES:
             default = DEFAULT_NOTES[name]
-        elif path:
+        elif path.split(".")[0] in PRESET_CONFIGS:
             default = "the preset for dataset and scenario"
         else:
-            default = _show(field.default)
+            default = _show(_default(field))
         kwargs.setdefault("metavar", field.name.upper())
         parser.add_argument(
             flag,
@@ -167,7 +176,7 @@ def add_config_arguments(
             default=argparse.SUPPRESS,
             # A None default means "derived", which the field's comment explains.
             help=doc
-            if default == "none" and field.default is None
+            if default == "none" and _default(field) is None
             else f"{doc} (default: {default})",
             **kwargs,
         )

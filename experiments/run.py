@@ -334,7 +334,8 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     for seed, runs in plan.items():
         for classes, splits in runs:
             for attack, why in exp.inapplicable(splits).items():
-                log(f"note: {attack} not applicable to forget set {classes} seed {seed}: {why}")
+                where = f"seed {seed}" + ("" if classes is None else f", classes {classes}")
+                log(f"note: {attack} not applicable ({where}): {why}")
     workdir = exp.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     results = {
