@@ -8,6 +8,8 @@ preprocessed float inputs `[batch, H, W, C]` and a 0/1 `mask` `[batch]` marking 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -54,14 +56,37 @@ class CamuState(struct.PyTreeNode):
     ce_opt_state: optax.OptState
 
 
+def check_number(name: str, value, *, integer: bool = False, positive: bool = True) -> None:
+    """Raises ValueError naming `value` unless it is a finite number (an integer if `integer`),
+    > 0 if `positive`, else >= 0. Booleans are refused: `True` as an epoch count is a bug."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = (
+        isinstance(value, kind)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
+    if not ok:
+        sign = "a positive" if positive else "a non-negative"
+        raise ValueError(
+            f"{name} must be {sign} {'integer' if integer else 'finite number'}, got {value!r}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class CamuCoefficients:
     """Loss weights of the reference: L_rep = 0.5/0.5, L_out = 0.9 (D_s) / 0.01 (D_f, y_cf)."""
 
-    rep_sample: float = 0.5
-    rep_forget: float = 0.5
-    out_sample: float = 0.9
-    out_forget: float = 0.01
+    rep_sample: float = 0.5  # step A (L_rep): weight of KL(z_0(x_s) || z(x_s)) on D_s
+    rep_forget: float = 0.5  # step A (L_rep): weight of KL(z_0(x_cf) || z(x_f)) on D_f
+    out_sample: float = 0.9  # step B (L_out): weight of CE(f(x_s), y_s) on D_s
+    out_forget: float = 0.01  # step B (L_out): weight of CE(f(x_f), y_cf) on D_f
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first weight that is negative or not finite (0 switches
+        a term off, which ablations use)."""
+        for f in dataclasses.fields(self):
+            check_number(f"CaMU coefficient {f.name}", getattr(self, f.name), positive=False)
 
 
 def apply_model(

@@ -28,7 +28,14 @@ from camu_jax.data.pipeline import (
     shuffled_batches,
 )
 from camu_jax.data.splits import Splits
-from camu_jax.steps import CamuCoefficients, adam_l2, apply_model, camu_step, init_camu_state
+from camu_jax.steps import (
+    CamuCoefficients,
+    adam_l2,
+    apply_model,
+    camu_step,
+    check_number,
+    init_camu_state,
+)
 from camu_jax.training import (
     StepRunner,
     any_real_example,
@@ -46,12 +53,23 @@ CIFAR_LIKE = ("cifar10", "cifar100")
 class CamuConfig:
     """Hyperparameters of CaMU unlearning (defaults: the reference's MNIST class preset)."""
 
-    epochs: int = 2
+    epochs: int = 2  # passes over D_f
     kl_lr: float = 4e-4  # step A (L_rep), the reference's KL_LR
     impair_lr: float = 1e-3  # step B (L_out), the reference's IMPAIR_LR
-    batch_size: int = 32
-    weight_decay: float = 1e-4
+    batch_size: int = 32  # D_f items and D_s items per step (each)
+    weight_decay: float = 1e-4  # coupled L2 of both Adam optimizers
     coefficients: CamuCoefficients = CamuCoefficients()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad value: epochs and batch size must be positive
+        integers, learning rates positive and finite, weight decay and coefficients finite and
+        non-negative. (Zero epochs would return the original model as "unlearned".)"""
+        for name in ("epochs", "batch_size"):
+            check_number(f"CaMU {name}", getattr(self, name), integer=True)
+        for name in ("kl_lr", "impair_lr"):
+            check_number(f"CaMU {name}", getattr(self, name))
+        check_number("CaMU weight_decay", self.weight_decay, positive=False)
+        self.coefficients.validate()
 
 
 # The reference's per-scenario presets (camu_reference.md, section 4).
@@ -177,6 +195,7 @@ def unlearn(
     info: `seconds` (counterfactual construction + unlearning, compile included, the
     reference's "time"), `construct_seconds`, `losses` (per chunk means), `steps`.
     """
+    config.validate()
     sharding.check_batch_size(config.batch_size, mesh)
     t0 = time.perf_counter()
     cf_key, aug_key, step_key = jax.random.split(jax.random.key(seed), 3)

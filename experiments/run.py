@@ -61,7 +61,12 @@ class Experiment:
         config.validate()
         self.config = config
         self.mesh = sharding.make_mesh()
-        sharding.check_batch_size(config.batch_size, self.mesh)
+        # Every phase's batch is checked here, before any model is trained or file written.
+        for phase, batch in (("", config.batch_size), ("CaMU ", config.camu_config().batch_size)):
+            try:
+                sharding.check_batch_size(batch, self.mesh)
+            except ValueError as e:
+                raise ValueError(f"{phase}{e}") from None
         self.data: Dataset = load_dataset(
             config.dataset,
             data_dir=config.data_dir,
@@ -136,7 +141,22 @@ class Experiment:
         return self._train("retrain", seed, splits.remain, name, {"split": digest})
 
     # -- evaluation -----------------------------------------------------------------------
+    def inapplicable(self, splits: Splits) -> dict[str, str]:
+        """Attacks these split sizes cannot support (reported as null, with the reason)."""
+        sizes = splits.sizes()
+        return metrics.inapplicable_attacks(
+            n_forget=sizes["forget"],
+            n_sample=sizes["sample"],
+            n_remain=sizes["remain"],
+            n_test=self.data.num_test,
+        )
+
     def evaluate(self, variables: dict, splits: Splits, forget_classes, seed: int) -> dict:
+        skip = self.inapplicable(splits)
+
+        def attack(fn, **kwargs):
+            return float("nan") if fn.__name__ in skip else fn(**kwargs)
+
         logits_tr = predict_logits(
             self.model, variables, self.images, spec=self.spec, mesh=self.mesh
         )
@@ -153,13 +173,15 @@ class Experiment:
             forget_classes=forget_classes,
         )
         p_tr, p_te = metrics.softmax(logits=logits_tr), metrics.softmax(logits=logits_te)
-        out["mia"] = metrics.reference_mia(
+        out["mia"] = attack(
+            metrics.reference_mia,
             sample_probs=p_tr[splits.sample],
             test_probs=p_te,
             forget_probs=p_tr[splits.forget],
             seed=seed,
         )
-        mia_eff = metrics.mia_efficacy(
+        mia_eff = attack(
+            metrics.mia_efficacy,
             remain_probs=p_tr[splits.remain],
             remain_labels=y_tr[splits.remain],
             test_probs=p_te,
@@ -176,7 +198,8 @@ class Experiment:
             mia_efficacy=mia_eff,
         )
         out.update(UA=scores["UA"], RA=scores["RA"], TA=scores["TA"], mia_efficacy=mia_eff)
-        out["loss_attack"] = metrics.loss_attack(
+        out["loss_attack"] = attack(
+            metrics.loss_attack,
             forget_losses=metrics.per_example_cross_entropy(
                 probs_or_logits=logits_tr[splits.forget],
                 labels=y_tr[splits.forget],
@@ -294,6 +317,8 @@ class Experiment:
             "split_file": f"splits/{run_name}.npz",
             "methods": results,
         }
+        if skip := self.inapplicable(splits):
+            run["not_applicable"] = skip
         if c.relearn:
             run["relearn"] = {
                 m: self.relearn(models[m], splits, seed, f"{m} {run_name}")
@@ -311,11 +336,19 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         seed: [(classes, exp.splits(seed, spec)) for classes, spec in config.forget_specs()]
         for seed in config.seeds
     }
+    for seed, runs in plan.items():
+        for classes, splits in runs:
+            for attack, why in exp.inapplicable(splits).items():
+                where = f"seed {seed}" + ("" if classes is None else f", classes {classes}")
+                log(f"note: {attack} not applicable ({where}): {why}")
     workdir = exp.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(workdir, workdir / "splits")  # Left by a killed run.
     results = {
-        "config": _clean(dataclasses.asdict(config)),
+        # The CaMU settings actually used, preset included.
+        "config": _clean(
+            dataclasses.asdict(dataclasses.replace(config, camu=config.camu_config()))
+        ),
         "dataset": config.dataset,
         "scenario": config.scenario,
         "model": config.model,
