@@ -41,11 +41,15 @@ def predict_logits(
     mesh: Mesh,
     rows: np.ndarray | None = None,
     batch_size: int = 1024,
+    name: str = "the model",
 ) -> np.ndarray:
     """Eval-mode logits `[n, classes]` for `images[rows]` (default: every image).
 
-    `images` is `[N, H, W, C]` uint8 on device; batches are padded to `batch_size`, so one
-    compile serves every call with the same images.
+    `images` is `[N, H, W, C]` on device (uint8, or floats already scaled: see
+    `preprocess`); batches are padded to `batch_size`, so one compile serves every call with
+    the same images. Raises FloatingPointError, naming `name`, when a logit is NaN or inf: no
+    metric means anything then, and finite but huge parameters (a learning rate far too high)
+    show up only here.
     """
     run = _logits_fn(model, spec)
     rows = np.arange(images.shape[0]) if rows is None else np.asarray(rows)
@@ -56,7 +60,17 @@ def predict_logits(
     table[:n] = rows
     table = sharding.replicate(table, mesh)
     out = [np.asarray(run(variables, images, table, sharding.shard_batch(i, mesh))) for i in ids]
-    return np.concatenate(out)[:n]
+    logits = np.concatenate(out)[:n]
+    bad = ~np.isfinite(logits).all(axis=-1)
+    if bad.any():
+        leaves = [np.asarray(x) for x in jax.tree.leaves(variables) if np.size(x)]
+        largest = max(float(np.abs(x).max()) for x in leaves)
+        raise FloatingPointError(
+            f"{name} gives non-finite logits on {int(bad.sum())} of {n} images (first: row "
+            f"{int(rows[np.argmax(bad)])}); its largest |parameter| is {largest:.3g} (a "
+            "learning rate far too high?)"
+        )
+    return logits
 
 
 def _acc(pred: np.ndarray, labels: np.ndarray) -> float:

@@ -2,8 +2,9 @@
 
 Data stay on device as uint8; the host only sends `[steps, batch]` index plans, run as jitted
 `lax.scan` chunks on accelerators and as one jitted call per step on CPU (`StepRunner`). The
-state is donated, checked for non-finite losses after every chunk (before anything is saved)
-and checkpointed per epoch, so an interrupted run resumes where the last complete epoch ended.
+state is donated, checked for non-finite losses and parameters after every chunk (before
+anything is saved) and checkpointed per epoch, so an interrupted run resumes where the last
+complete epoch ended.
 """
 
 from __future__ import annotations
@@ -136,6 +137,35 @@ def check_finite(metrics: dict, where: str) -> None:
     )
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """One on-device reduction: whether every leaf of `tree` is finite."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def check_finite_state(finite, variables: dict, where: str) -> None:
+    """Raises FloatingPointError naming the first non-finite leaf of `variables` when `finite`
+    (`all_finite(variables)`, fetched with the chunk's metrics) is false.
+
+    The last step of a chunk can turn the parameters non-finite while its loss, computed before
+    the update, is still finite; this check keeps such a state from being saved or returned.
+    """
+    if bool(finite):
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
+        leaf = np.asarray(leaf)
+        if not np.isfinite(leaf).all():
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise FloatingPointError(
+                f"non-finite parameters at {where}: {name} has "
+                f"{int((~np.isfinite(leaf)).sum())} of {leaf.size} entries NaN or inf; stopping "
+                "before anything of this epoch is saved (lower the learning rate or check the "
+                "inputs)"
+            )
+    raise FloatingPointError(f"non-finite parameters at {where}")
+
+
 def train_model(
     model: nn.Module,
     variables: dict,
@@ -210,8 +240,9 @@ def train_model(
         for lo in range(0, len(ids), chunk):
             part = (ids[lo : lo + chunk], mask[lo : lo + chunk])
             state, metrics = run(state, (images, labels, items_dev, key), part)
-            metrics = jax.device_get(metrics)
+            metrics, finite = jax.device_get((metrics, all_finite(state_variables(state))))
             check_finite(metrics, f"{desc} epoch {epoch + 1}")
+            check_finite_state(finite, state_variables(state), f"{desc} epoch {epoch + 1}")
             done = min(lo + chunk, steps_per_epoch)
             losses.append(chunk_means(metrics, ("loss",))["loss"])
             bar.update(done - min(lo, steps_per_epoch))

@@ -38,8 +38,10 @@ from camu_jax.steps import (
 )
 from camu_jax.training import (
     StepRunner,
+    all_finite,
     any_real_example,
     check_finite,
+    check_finite_state,
     chunk_means,
     pad_plan,
     state_variables,
@@ -251,8 +253,9 @@ def unlearn(
         for lo in range(0, len(plan[0]), chunk):
             part = tuple(p[lo : lo + chunk] for p in plan)
             state, metrics = run(state, (original, data, step_key), part)
-            metrics = jax.device_get(metrics)
+            metrics, finite = jax.device_get((metrics, all_finite(state_variables(state))))
             check_finite(metrics, f"camu epoch {epoch + 1}")
+            check_finite_state(finite, state_variables(state), f"camu epoch {epoch + 1}")
             losses.append(chunk_means(metrics, ("loss_rep", "loss_out")))
             bar.update(min(lo + chunk, steps) - min(lo, steps))
             bar.set_postfix(epoch=epoch + 1, **{k: f"{v:.4f}" for k, v in losses[-1].items()})

@@ -151,17 +151,19 @@ class Experiment:
             n_test=self.data.num_test,
         )
 
-    def evaluate(self, variables: dict, splits: Splits, forget_classes, seed: int) -> dict:
+    def evaluate(
+        self, variables: dict, splits: Splits, forget_classes, seed: int, name: str = "the model"
+    ) -> dict:
         skip = self.inapplicable(splits)
 
         def attack(fn, **kwargs):
             return float("nan") if fn.__name__ in skip else fn(**kwargs)
 
         logits_tr = predict_logits(
-            self.model, variables, self.images, spec=self.spec, mesh=self.mesh
+            self.model, variables, self.images, spec=self.spec, mesh=self.mesh, name=name
         )
         logits_te = predict_logits(
-            self.model, variables, self.test_images, spec=self.spec, mesh=self.mesh
+            self.model, variables, self.test_images, spec=self.spec, mesh=self.mesh, name=name
         )
         y_tr, y_te = self.data.train_labels, self.data.test_labels
         out = reference_accuracies(
@@ -282,11 +284,6 @@ class Experiment:
             seed=seed,
             progress=c.progress,
         )
-        checkpointing.save_next(
-            self.ckpt_root / "camu" / f"{c.dataset}-{c.model}-{run_name}",
-            camu_vars,
-            self._meta("camu", seed, {"split": _digest(splits), "run": run_name}),
-        )
         seconds = {
             "original": original_seconds,
             "retrain": rinfo["seconds"],
@@ -295,8 +292,16 @@ class Experiment:
         models = {"original": original, "retrain": retrained, "camu": camu_vars}
         results = {}
         for method, v in models.items():
-            results[method] = self.evaluate(v, splits, forget_classes, seed)
+            name = f"the {method} model of {run_name}"
+            results[method] = self.evaluate(v, splits, forget_classes, seed, name)
             results[method]["seconds"] = seconds[method]
+        # Saved once its evaluation has shown finite outputs: finite but huge weights (a far
+        # too high learning rate) pass every check during unlearning.
+        checkpointing.save_next(
+            self.ckpt_root / "camu" / f"{c.dataset}-{c.model}-{run_name}",
+            camu_vars,
+            self._meta("camu", seed, {"split": _digest(splits), "run": run_name}),
+        )
         keys = ("UA", "RA", "TA", "mia_efficacy")
         for method, r in results.items():
             r["avg_gap"] = metrics.avg_gap(r, results["retrain"], keys=keys)
