@@ -24,7 +24,8 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],
         # The PyTorch port of the reference (benchmarks and parity tests). On a CPU-only
-        # machine install a CPU build first (e.g. `pip install torch==2.13.0`).
+        # machine install the CPU build first: `pip install torch==2.13.0 --index-url
+        # https://download.pytorch.org/whl/cpu` (plain PyPI serves Linux the CUDA builds).
         "torch": ["torch>=2.4"],
     },
 )

@@ -2,21 +2,34 @@
 
 Each checkpoint directory holds an Orbax `CheckpointManager` whose steps are epochs; every
 step stores the state pytree (`StandardSave`) and a JSON `meta` item that names what the state
-is (model, classes, input shape, ...). Orbax writes a step under a temporary name and renames it
-only when complete, so an interrupted save never shows up as a restorable step.
+is (model, classes, input shape, training settings, ...) and holds a sha256 digest of the
+state's bytes. Orbax writes a step under a temporary name and renames it only when complete, so
+an interrupted save never shows up as a restorable step. A restore checks the meta, then
+shapes/dtypes, then the digest: Orbax stores arrays uncompressed and without checksums, so a
+flipped bit on disk would otherwise come back as a silently different model. Every refusal
+names the directory (or step folder) to delete; nothing is deleted here.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+DIGEST_KEY = "state_sha256"
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint on disk does not describe the state that was asked for."""
+
+
+class CheckpointCorruptError(CheckpointMismatchError):
+    """The checkpoint on disk is damaged: unreadable, incomplete, or not the bytes saved."""
 
 
 def _manager(directory: str | Path, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
@@ -29,6 +42,26 @@ def _manager(directory: str | Path, *, max_to_keep: int | None = 2) -> ocp.Check
     )
 
 
+def _host(leaf: Any) -> np.ndarray:
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+        return np.asarray(jax.device_get(leaf))
+    # Multi-process: a replicated array's local shard is the whole value; anything else is
+    # gathered (a collective, which every process reaches because all of them save/restore).
+    if leaf.sharding.is_fully_replicated:
+        return np.asarray(leaf.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+
+def state_digest(state: Any) -> str:
+    """sha256 over every leaf's dtype, shape and bytes, in tree order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(state):
+        x = np.ascontiguousarray(_host(leaf))
+        h.update(f"{x.dtype}{x.shape};".encode())
+        h.update(x.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
 def latest_step(directory: str | Path) -> int | None:
     """The newest complete step in `directory`, or None when there is none."""
     if not Path(directory).exists():
@@ -38,12 +71,14 @@ def latest_step(directory: str | Path) -> int | None:
 
 
 def save(directory: str | Path, step: int, state: Any, meta: dict) -> None:
-    """Saves `state` and its JSON description `meta` as `step`; blocks until durable."""
+    """Saves `state` and its JSON description `meta` (plus the state's digest) as `step`;
+    blocks until durable."""
+    meta = {**meta, DIGEST_KEY: state_digest(state)}
     with _manager(directory) as mngr:
         mngr.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
             force=True,
         )
@@ -60,11 +95,36 @@ def save_next(directory: str | Path, state: Any, meta: dict) -> int:
     return step
 
 
+def _corrupt(directory: str | Path, step: int, problem: str) -> CheckpointCorruptError:
+    step_dir = Path(directory).absolute() / str(step)
+    return CheckpointCorruptError(
+        f"checkpoint {step_dir} {problem}; delete that folder to resume from an earlier step "
+        "or retrain"
+    )
+
+
+def _latest(mngr: ocp.CheckpointManager, directory: str | Path, step: int | None) -> int:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    return step
+
+
+def _read_meta(mngr: ocp.CheckpointManager, directory: str | Path, step: int) -> dict:
+    # An empty or hand-made step folder, a missing item and a truncated JSON file all surface
+    # here as KeyError/JSONDecodeError/... without the path.
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+        raise _corrupt(directory, step, f"has no readable meta ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise _corrupt(directory, step, f"has a meta that is not a JSON object: {meta!r}")
+    return dict(meta)
+
+
 def read_meta(directory: str | Path, step: int | None = None) -> dict:
     with _manager(directory) as mngr:
-        step = mngr.latest_step() if step is None else step
-        restored = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        return _read_meta(mngr, directory, _latest(mngr, directory, step))
 
 
 def check_meta(found: dict, expected: dict, directory: str | Path) -> None:
@@ -84,22 +144,26 @@ def check_meta(found: dict, expected: dict, directory: str | Path) -> None:
 def restore(
     directory: str | Path, *, abstract_state: Any, expected_meta: dict, step: int | None = None
 ) -> tuple[int, Any, dict]:
-    """Restores `(step, state, meta)`; checks `meta` and then shapes/dtypes/shardings.
+    """Restores `(step, state, meta)`; checks `meta`, shapes/dtypes/shardings and the digest.
 
     Args:
       directory: checkpoint directory.
       abstract_state: `jax.eval_shape` of the state (with `.sharding` where it matters).
       expected_meta: keys the stored meta must equal (model name, classes, input shape...).
       step: which step; default the latest.
+
+    Raises `CheckpointMismatchError` when the checkpoint describes another state, and its
+    subclass `CheckpointCorruptError` when it is unreadable or its bytes changed since saving.
     """
     with _manager(directory) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no complete checkpoint in {directory}")
-        meta = dict(
-            mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        )
+        step = _latest(mngr, directory, step)
+        meta = _read_meta(mngr, directory, step)
         check_meta(meta, expected_meta, directory)
+        if DIGEST_KEY not in meta:
+            raise CheckpointMismatchError(
+                f"checkpoint {directory} has no state digest (written by an older camu-jax), "
+                "so it cannot be verified; delete it to retrain"
+            )
         try:
             restored = mngr.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -107,10 +171,13 @@ def restore(
         except Exception as e:  # Orbax/TensorStore raise many types for unreadable data.
             raise CheckpointMismatchError(
                 f"checkpoint {directory} step {step} cannot be restored as the requested state "
-                f"(corrupt, or a different structure/shape): {type(e).__name__}: {e}"
+                f"(corrupt, or a different structure/shape): {type(e).__name__}: {e}; "
+                "delete it to retrain"
             ) from e
     state = restored["state"]
     _check_shapes(state, abstract_state, directory)
+    if state_digest(state) != meta[DIGEST_KEY]:
+        raise _corrupt(directory, step, "holds arrays whose bytes differ from those saved")
     return step, state, meta
 
 

@@ -56,12 +56,14 @@ def all_finite(tree: PyTree) -> jax.Array:
 class Program:
     """The pure pieces of one phase, for ONE member (the engine vmaps them).
 
+    init: `variables -> state`: the phase's state from a model's `{'params', 'batch_stats'}`.
     step: `(state, batch) -> (state, metrics)`; metrics a flat dict of scalars with `finite`.
     make_batch: `(state, shared, member, row) -> batch`, inside jit: builds a step's batch from
       the device-resident `shared` data (images, labels), the member's own device data (index
       tables, teacher outputs, keys) and one plan row (`{name: [batch]}`).
     """
 
+    init: Callable[[dict], PyTree]
     step: Callable[[PyTree, dict], tuple[PyTree, dict]]
     make_batch: Callable[[PyTree, PyTree, PyTree, dict], dict]
 
@@ -70,9 +72,9 @@ class Engine:
     """Runs `[members, k, batch]` plan chunks of a `Program` over a population.
 
     `state, metrics = engine(state, shared, member, plan)`: `state` and `member` carry the
-    leading member axis (sharded over the mesh's `member` axis); metrics come back `[k,
-    members]` with `active` and, per chunk, `state_finite` `[members]` (the state's floating
-    leaves, checked after the chunk). The state is donated.
+    leading member axis (sharded over the mesh's `member` axis); metrics come back as host
+    arrays `[k, members]` with `active` and `state_finite` (the state's floating leaves after
+    each step). The state is donated. `engine.init(variables)` builds the stacked state.
     """
 
     def __init__(self, program: Program, mesh: Mesh, *, use_scan: bool | None = None):
@@ -88,37 +90,39 @@ class Engine:
             metrics = {k: jnp.where(active, v, jnp.zeros_like(v)) for k, v in metrics.items()}
             metrics["finite"] = jnp.logical_or(metrics.get("finite", True), ~active)
             metrics["active"] = active
-            return _tree_select(active, new_state, state), metrics
+            state = _tree_select(active, new_state, state)
+            # The last step of a chunk can make the parameters non-finite while its loss,
+            # computed before the update, is still finite.
+            metrics["state_finite"] = all_finite(state)
+            return state, metrics
 
         # spmd_axis_name: sharding constraints inside the step (the batch over `data`) get the
         # member axis for the vmapped dimension.
         vstep = jax.vmap(one, in_axes=(0, None, 0, 0), spmd_axis_name=sharding.MEMBER_AXIS)
-        vfinite = jax.vmap(all_finite)
-
-        def loop_one(state, shared, member, row):
-            state, metrics = vstep(state, shared, member, row)
-            return state, metrics
 
         def scan(state, shared, member, plan):
-            state, metrics = jax.lax.scan(lambda s, row: vstep(s, shared, member, row), state, plan)
-            return state, metrics, vfinite(state)
+            return jax.lax.scan(lambda s, row: vstep(s, shared, member, row), state, plan)
 
-        self._one = jax.jit(loop_one, donate_argnums=0)
+        self._one = jax.jit(vstep, donate_argnums=0)
         self._scan = jax.jit(scan, donate_argnums=0)
-        self._finite = jax.jit(vfinite)
+        self._init = jax.jit(jax.vmap(program.init))
 
     def compiled_count(self) -> int:
-        """How many programs the engine's jitted functions hold (1 per mode when shapes are
+        """How many programs the engine's jitted functions hold (1 each when shapes are
         stable); for compile-once tests."""
-        return sum(f._cache_size() for f in (self._one, self._scan, self._finite))
+        return sum(f._cache_size() for f in (self._one, self._scan, self._init))
+
+    def init(self, variables: PyTree) -> PyTree:
+        """The stacked state of stacked host `variables`, sharded over the members."""
+        return self._init(sharding.shard_members(variables, self.mesh))
 
     def __call__(self, state, shared, member, plan: Plan):
         if self.use_scan:
             rows = {k: np.swapaxes(v, 0, 1) for k, v in plan.items()}  # [k, P, b]
-            state, metrics, finite = self._scan(
+            state, metrics = self._scan(
                 state, shared, member, sharding.shard_members(rows, self.mesh, axis=1, batch=True)
             )
-            return state, {**metrics, "state_finite": finite}
+            return state, sharding.fetch(metrics)
         steps = next(iter(plan.values())).shape[1]
         out = []
         for j in range(steps):
@@ -131,12 +135,12 @@ class Engine:
             if self.sync:
                 jax.block_until_ready(state)
             out.append(metrics)
-        if out:
-            metrics = jax.tree.map(lambda *m: jnp.stack(m), *out)
-        else:
-            members = next(iter(plan.values())).shape[0]
-            metrics = {"active": np.zeros((0, members), bool), "finite": np.ones((0, members))}
-        return state, {**metrics, "state_finite": self._finite(state)}
+        # Stacked on the host: an eager device stack would compile once per row count.
+        out = sharding.fetch(out)
+        if not out:
+            empty = np.zeros((0, next(iter(plan.values())).shape[0]))
+            return state, {"active": empty > 0, "finite": empty > 0, "state_finite": empty > 0}
+        return state, {k: np.stack([m[k] for m in out]) for k in out[0]}
 
 
 # ------------------------------------------------------------------------------ host side
@@ -179,10 +183,15 @@ def unstack(tree: PyTree, count: int) -> list[PyTree]:
     return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(count)]
 
 
-def check_finite(metrics: dict, names: Sequence[str], where: str) -> None:
+def check_finite(metrics: dict, names: Sequence[str], where: str, state=None) -> None:
     """Raises FloatingPointError naming the member, phase and step of the first non-finite loss
-    or state (host arrays `[k, members]` / `[members]`)."""
+    or state (host arrays `[k, members]` / `[members]`); with the wave's `state`, the message
+    names the first non-finite leaf.
+
+    The last step of a chunk can turn the parameters non-finite while its loss, computed before
+    the update, is still finite; the state check keeps such a state from being saved."""
     finite = np.asarray(metrics["finite"], bool)
+    state_finite = np.asarray(metrics["state_finite"], bool)
     for m, name in enumerate(names):
         if finite.size and not finite[:, m].all():
             step = int(np.argmin(finite[:, m]))
@@ -196,11 +205,24 @@ def check_finite(metrics: dict, names: Sequence[str], where: str) -> None:
                 "stopping before anything of this epoch is saved (lower the learning rate or "
                 "check the inputs)"
             )
-        if not bool(np.asarray(metrics["state_finite"])[m]):
+        if state_finite.size and not state_finite[:, m].all():
+            leaf = "" if state is None else _first_nonfinite(state, m)
             raise FloatingPointError(
-                f"non-finite parameters at {where} ({name}); stopping before anything of this "
-                "epoch is saved (lower the learning rate or check the inputs)"
+                f"non-finite parameters at {where} ({name}){leaf}; stopping before anything of "
+                "this epoch is saved (lower the learning rate or check the inputs)"
             )
+
+
+def _first_nonfinite(state, member: int) -> str:
+    host = sharding.fetch(state)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(host)[0]:
+        leaf = np.asarray(leaf)[member]
+        if np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(leaf).all():
+            name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            return (
+                f": {name} has {int((~np.isfinite(leaf)).sum())} of {leaf.size} entries NaN or inf"
+            )
+    return ""
 
 
 def chunk_means(metrics: dict, keys: Sequence[str], member: int) -> dict[str, float]:

@@ -62,6 +62,7 @@ def predict(
     aug_keys: np.ndarray | None = None,
     noise_keys: np.ndarray | None = None,
     fetch: bool = True,
+    width: int | None = None,
 ):
     """Eval-mode outputs of a population of models.
 
@@ -73,7 +74,9 @@ def predict(
       aug_keys: `[P]` key data: item i (position in `rows`) gets the fixed augmentation
         `fold_in(aug_key, i)` (the counterfactual construction); default no augmentation.
       noise_keys: `[P]` key data: item i gets the counterfactual noise of id i added.
-      fetch: return host numpy (default) or device arrays.
+      fetch: return host numpy `[P, n, ...]` (default), or device arrays padded to a multiple
+        of the batch at least `width` wide (rows past `n` are padding): a fixed `width` keeps
+        their shape, and so every program they enter, the same for any `n` up to it.
 
     Batches are padded to one size, so one compile serves every call with the same member
     count, whatever the number of rows.
@@ -86,7 +89,7 @@ def predict(
     n = rows.shape[1]
     step = sharding.data_devices(mesh)
     bs = max(step, min(1024, IMAGES_PER_CALL // members) // step * step)
-    width = -(-max(n, 1) // bs) * bs
+    width = -(-max(n, width or 1, 1) // bs) * bs
     table = np.zeros((members, width), np.int32)
     table[:, :n] = rows
     run = _forward(model, data.spec, embedding, aug_keys is not None)
@@ -107,14 +110,36 @@ def predict(
         outs.append(
             run(variables, data.images, keys["rows"], ids, keys["aug"], keys["noise"], scale)
         )
-    out = jnp.concatenate(outs, axis=1)[:, :n] if outs else None
-    return sharding.fetch(out) if fetch else out
+    if not fetch:
+        return jnp.concatenate(outs, axis=1)
+    return np.concatenate(sharding.fetch(outs), axis=1)[:, :n]
 
 
-def predict_logits(model: nn.Module, variables: dict, data: DeviceData, rows=None) -> np.ndarray:
-    """Eval-mode logits `[n, classes]` of ONE model on `data` (default every row)."""
+def predict_logits(
+    model: nn.Module, variables: dict, data: DeviceData, rows=None, *, name: str = "the model"
+) -> np.ndarray:
+    """Eval-mode logits `[n, classes]` of ONE model on `data` (default every row); raises
+    FloatingPointError naming `name` on a non-finite logit (`check_logits`)."""
     stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], variables)
-    return predict(model, stacked, data, None if rows is None else np.asarray(rows)[None])[0]
+    logits = predict(model, stacked, data, None if rows is None else np.asarray(rows)[None])[0]
+    check_logits(logits, name=name, variables=variables)
+    return logits
+
+
+def check_logits(logits: np.ndarray, *, name: str, variables: dict, rows=None) -> None:
+    """Raises FloatingPointError, naming `name`, when a logit is NaN or inf: no metric means
+    anything then, and finite but huge parameters (a learning rate far too high) show up only
+    here."""
+    bad = ~np.isfinite(logits).all(axis=-1)
+    if bad.any():
+        leaves = [np.asarray(x) for x in jax.tree.leaves(variables) if np.size(x)]
+        largest = max(float(np.abs(x).max()) for x in leaves)
+        first = int(np.argmax(bad)) if rows is None else int(np.asarray(rows)[np.argmax(bad)])
+        raise FloatingPointError(
+            f"{name} gives non-finite logits on {int(bad.sum())} of {len(bad)} images (first: "
+            f"row {first}); its largest |parameter| is {largest:.3g} (a learning rate far too "
+            "high?)"
+        )
 
 
 def _acc(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -164,12 +189,20 @@ def score(
     seed: int,
 ) -> dict[str, float]:
     """Every metric of one model from its logits (host arrays): the reference's accuracies,
-    its MIA, SalUn's UA/RA/TA/MIA-efficacy and the loss attack. Pure and picklable, so a
+    its MIA, SalUn's UA/RA/TA/MIA-efficacy and the loss attack (NaN where the set sizes
+    cannot support an attack: `metrics.inapplicable_attacks`). Pure and picklable, so a
     population's members are scored in parallel processes."""
-    for name, x in (("train_logits", train_logits), ("test_logits", test_logits)):
-        if not np.all(np.isfinite(x)):
-            raise FloatingPointError(f"non-finite {name} in evaluation")
     y_tr, y_te = train_labels, test_labels
+    skip = metrics.inapplicable_attacks(
+        n_forget=splits.forget.size,
+        n_sample=splits.sample.size,
+        n_remain=splits.remain.size,
+        n_test=len(y_te),
+    )
+
+    def attack(fn, **kwargs):  # An attack the set sizes cannot support is NaN (null).
+        return float("nan") if fn.__name__ in skip else fn(**kwargs)
+
     out = reference_accuracies(
         train_logits=train_logits,
         train_labels=y_tr,
@@ -179,13 +212,15 @@ def score(
         forget_classes=forget_classes,
     )
     p_tr, p_te = metrics.softmax(logits=train_logits), metrics.softmax(logits=test_logits)
-    out["mia"] = metrics.reference_mia(
+    out["mia"] = attack(
+        metrics.reference_mia,
         sample_probs=p_tr[splits.sample],
         test_probs=p_te,
         forget_probs=p_tr[splits.forget],
         seed=seed,
     )
-    mia_eff = metrics.mia_efficacy(
+    mia_eff = attack(
+        metrics.mia_efficacy,
         remain_probs=p_tr[splits.remain],
         remain_labels=y_tr[splits.remain],
         test_probs=p_te,
@@ -202,7 +237,8 @@ def score(
         mia_efficacy=mia_eff,
     )
     out.update(UA=scores["UA"], RA=scores["RA"], TA=scores["TA"], mia_efficacy=mia_eff)
-    out["loss_attack"] = metrics.loss_attack(
+    out["loss_attack"] = attack(
+        metrics.loss_attack,
         forget_losses=metrics.per_example_cross_entropy(
             probs_or_logits=train_logits[splits.forget],
             labels=y_tr[splits.forget],
@@ -233,6 +269,7 @@ def evaluate(
     splits: Sequence[Splits],
     forget_classes: Sequence[tuple[int, ...] | None],
     seeds: Sequence[int],
+    names: Sequence[str] | None = None,
     population_size: int | None = None,
     workers: int | None = None,
 ) -> list[dict[str, float]]:
@@ -241,7 +278,8 @@ def evaluate(
     Forward passes run `population_size` models at a time (default all) in one batched
     device pass per split; the attacks of different models are fitted in `workers` parallel
     processes (default: the usable cores; 1 scores in this process). The values do not
-    depend on either setting.
+    depend on either setting. Raises FloatingPointError naming `names[i]` when a model's
+    logits are not finite.
     """
     count = len(variables)
     size = engine.wave_size(population_size, count, train.mesh)
@@ -254,6 +292,9 @@ def evaluate(
         te = predict(model, stacked, test)
         for j in range(min(size, count - lo)):
             i = lo + j
+            name = names[i] if names else f"model {i}"
+            check_logits(tr[j], name=name, variables=variables[i])
+            check_logits(te[j], name=name, variables=variables[i])
             jobs.append(
                 dict(
                     train_logits=tr[j],

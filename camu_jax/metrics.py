@@ -153,7 +153,7 @@ def reference_mia(
     n_fit, lo, hi = _reference_mia_split(
         n_sample=len(sample), n_test=len(test), n_forget=len(forget), n_train=n_train
     )
-    if n_fit == 0 or len(forget) == 0:
+    if n_fit == 0 or len(forget) == 0:  # as `inapplicable_attacks`
         raise ValueError(
             f"reference_mia needs non-empty sets, got n_fit={n_fit}, n_forget={len(forget)}"
         )
@@ -164,8 +164,14 @@ def reference_mia(
     if MIA_BACKEND == "xgboost":
         from xgboost import XGBClassifier
 
+        # One thread: the same trees whatever the host (models are scored in parallel
+        # processes instead), and no oversubscription of the cores.
         attacker = XGBClassifier(
-            n_estimators=100, objective="binary:logistic", booster="gbtree", random_state=seed
+            n_estimators=100,
+            objective="binary:logistic",
+            booster="gbtree",
+            random_state=seed,
+            n_jobs=1,
         )
     else:  # pragma: no cover - xgboost is a declared dependency
         from sklearn.ensemble import GradientBoostingClassifier
@@ -214,7 +220,7 @@ def mia_efficacy(
     test = _true_label_confidence(test_probs, test_labels, "test_probs")
     forget = _true_label_confidence(forget_probs, forget_labels, "forget_probs")
     n = min(len(remain), len(test))
-    if n == 0 or len(forget) == 0:
+    if n == 0 or len(forget) == 0:  # as `inapplicable_attacks`
         raise ValueError("mia_efficacy needs non-empty remain, test and forget sets")
     from sklearn.svm import SVC
 
@@ -224,6 +230,37 @@ def mia_efficacy(
     clf = SVC(C=3, gamma="auto", kernel="rbf")
     clf.fit(np.concatenate([remain, test]), np.concatenate([np.ones(n), np.zeros(n)]))
     return float(100.0 * (1.0 - clf.predict(forget).mean()))
+
+
+# StratifiedShuffleSplit holds out 10 % of 2n points, which must contain one point of each side.
+LOSS_ATTACK_MIN_PER_SIDE = 10
+
+
+def inapplicable_attacks(
+    *, n_forget: int, n_sample: int, n_remain: int, n_test: int, n_train: int = 4000
+) -> dict[str, str]:
+    """Which attacks cannot run on sets of these sizes, each with the reason: the same rules the
+    attacks enforce, known from the split sizes before any model is trained.
+
+    Returns ``{attack name: reason}``; an attack not listed applies. Names are those of
+    :func:`reference_mia`, :func:`mia_efficacy` and :func:`loss_attack`.
+    """
+    out = {}
+    n_fit, _, _ = _reference_mia_split(
+        n_sample=n_sample, n_test=n_test, n_forget=n_forget, n_train=n_train
+    )
+    if n_fit == 0 or n_forget == 0:
+        out["reference_mia"] = (
+            f"needs non-empty attack-train and forget sets, got n_fit={n_fit}, n_forget={n_forget}"
+        )
+    if min(n_remain, n_test) == 0 or n_forget == 0:
+        out["mia_efficacy"] = "needs non-empty remain, test and forget sets"
+    n = min(n_forget, n_test)
+    if n < LOSS_ATTACK_MIN_PER_SIDE:
+        out["loss_attack"] = (
+            f"needs >= {LOSS_ATTACK_MIN_PER_SIDE} losses per side (forget and test), got {n}"
+        )
+    return out
 
 
 def loss_attack(*, forget_losses, test_losses, n_splits: int = 10, seed: int = 0) -> float:
@@ -246,9 +283,10 @@ def loss_attack(*, forget_losses, test_losses, n_splits: int = 10, seed: int = 0
     forget = _as_1d("forget_losses", forget_losses).astype(np.float64)
     test = _as_1d("test_losses", test_losses).astype(np.float64)
     n = min(len(forget), len(test))
-    # StratifiedShuffleSplit holds out 10 %, which must contain one example of each class.
-    if n < 10:
-        raise ValueError(f"loss_attack needs >= 10 losses per side, got {n}")
+    if n < LOSS_ATTACK_MIN_PER_SIDE:
+        raise ValueError(
+            f"loss_attack needs >= {LOSS_ATTACK_MIN_PER_SIDE} losses per side, got {n}"
+        )
     from sklearn import linear_model, model_selection
 
     rng = np.random.default_rng(seed)

@@ -58,9 +58,10 @@ def relearn(
     labels = data.host_labels
     curves = [{"batches": [], "gap": []} for _ in range(count)]
 
+    width = max(len(r) for r in rows)  # of every model, so every wave has one shape
+
     def gaps(stacked, members: list[int]) -> np.ndarray:
         size = jax.tree.leaves(stacked)[0].shape[0]
-        width = max(len(rows[i]) for i in members)
         table = np.zeros((size, width), np.int32)
         for j, i in enumerate(members):
             table[j, : len(rows[i])] = rows[i]

@@ -9,9 +9,12 @@ never half of one. Plots draw on ``matplotlib.figure.Figure`` with an Agg canvas
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -129,11 +132,22 @@ def summarize(runs: Iterable[Mapping]) -> dict[str, dict[str, dict[str, float]]]
     return summary
 
 
+# The temp file names the writing process (host and pid), so a later cleanup can tell a file
+# whose writer died (stale) from one a concurrent writer is about to move into place.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_RANDOM = r"[a-z0-9_]{8}"  # tempfile.mkstemp's random part.
+_TEMP_NAME = re.compile(rf"\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{{8}})-{_RANDOM}\.tmp")
+# Written by versions before the host and pid were added: `.<name>.<random>.tmp`.
+_OLD_TEMP_NAME = re.compile(rf"\.(?P<name>.+)\.{_RANDOM}\.tmp")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a same-directory temp file and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-{_HOST}-", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -146,6 +160,42 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Someone else's process.
+    return True
+
+
+def remove_stale_temp_files(*directories: Path) -> list[Path]:
+    """Removes the temp files ``atomic_write_bytes`` left in ``directories`` when killed.
+
+    Only regular files named by the writer's own pattern go: those written on this host by a
+    process that no longer runs, and those of the older ``.<name>.<random>.tmp`` naming. A
+    temp file of a live writer, or one from another host sharing the directory, stays.
+    Returns the removed paths; a missing directory is skipped.
+    """
+    removed = []
+    for directory in map(Path, directories):
+        if not directory.is_dir():
+            continue
+        for entry in os.scandir(directory):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if match := _TEMP_NAME.fullmatch(entry.name):
+                mine = match["host"] == _HOST
+                if not mine or _writer_alive(int(match["pid"])):
+                    continue
+            elif not _OLD_TEMP_NAME.fullmatch(entry.name):
+                continue
+            Path(entry.path).unlink(missing_ok=True)  # A concurrent cleanup may be first.
+            removed.append(Path(entry.path))
+    return removed
 
 
 def _csv_text(results: Mapping, runs: list[dict]) -> str:

@@ -8,6 +8,10 @@ preprocessed float inputs `[batch, H, W, C]` and a 0/1 `mask` `[batch]` marking 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -54,14 +58,82 @@ class CamuState(struct.PyTreeNode):
     ce_opt_state: optax.OptState
 
 
+def check_number(name: str, value, *, integer: bool = False, positive: bool = True) -> None:
+    """Raises ValueError naming `value` unless it is a finite number (an integer if `integer`),
+    > 0 if `positive`, else >= 0. Booleans are refused: `True` as an epoch count is a bug."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = (
+        isinstance(value, kind)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
+    if not ok:
+        sign = "a positive" if positive else "a non-negative"
+        raise ValueError(
+            f"{name} must be {sign} {'integer' if integer else 'finite number'}, got {value!r}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class CamuCoefficients:
     """Loss weights of the reference: L_rep = 0.5/0.5, L_out = 0.9 (D_s) / 0.01 (D_f, y_cf)."""
 
-    rep_sample: float = 0.5
-    rep_forget: float = 0.5
-    out_sample: float = 0.9
-    out_forget: float = 0.01
+    rep_sample: float = 0.5  # step A (L_rep): weight of KL(z_0(x_s) || z(x_s)) on D_s
+    rep_forget: float = 0.5  # step A (L_rep): weight of KL(z_0(x_cf) || z(x_f)) on D_f
+    out_sample: float = 0.9  # step B (L_out): weight of CE(f(x_s), y_s) on D_s
+    out_forget: float = 0.01  # step B (L_out): weight of CE(f(x_f), y_cf) on D_f
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first weight that is negative or not finite (0 switches
+        a term off, which ablations use)."""
+        for f in dataclasses.fields(self):
+            check_number(f"CaMU coefficient {f.name}", getattr(self, f.name), positive=False)
+
+
+_CONTRACT = (
+    "camu_jax calls a model as `model.apply(variables, x, train=..., mask=...)` and needs "
+    "`(logits [batch, classes], embedding [batch, ...])` back; see the README, 'Your own model "
+    "and data'"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_signature(cls: type) -> None:
+    params = inspect.signature(cls.__call__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = {p.name for p in params if p.kind is not p.POSITIONAL_ONLY}
+    missing = [k for k in ("train", "mask") if k not in names]
+    if missing:
+        raise TypeError(
+            f"{cls.__name__}.__call__ takes no keyword argument {' or '.join(map(repr, missing))}"
+            f": {_CONTRACT}"
+        )
+
+
+def _check_outputs(model: nn.Module, out) -> tuple[jax.Array, jax.Array]:
+    if not (isinstance(out, tuple | list) and len(out) == 2):
+        if isinstance(out, tuple | list):
+            what = f"a tuple of {len(out)}"
+        else:
+            what = f"one array of shape {out.shape}" if hasattr(out, "shape") else repr(out)
+        raise TypeError(
+            f"{type(model).__name__} returned {what}, not (logits, embedding): {_CONTRACT}"
+        )
+    logits, emb = out
+    if jnp.ndim(logits) != 2 or jnp.ndim(emb) < 2 or emb.shape[0] != logits.shape[0]:
+        raise TypeError(
+            f"{type(model).__name__} returned logits of shape {jnp.shape(logits)} and an "
+            f"embedding of shape {jnp.shape(emb)}: {_CONTRACT}"
+        )
+    return logits, emb
+
+
+def check_model(model: nn.Module) -> None:
+    """Raises TypeError, saying what is missing, unless `model.__call__` accepts the keyword
+    arguments `train` and `mask` (the outputs are checked when the model first runs)."""
+    _check_signature(type(model))
 
 
 def apply_model(
@@ -73,23 +145,42 @@ def apply_model(
     train: bool,
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, PyTree]:
-    """Forward pass -> `(logits, embedding, batch_stats)`; train mode updates BatchNorm stats."""
+    """Forward pass -> `(logits, embedding, batch_stats)`; train mode updates BatchNorm stats.
+
+    `model` follows the contract in `camu_jax.models`; a model that does not is refused with a
+    TypeError saying what is missing.
+    """
+    check_model(model)
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
         if train:
-            (logits, emb), updates = model.apply(
-                variables, x, train=True, mask=mask, mutable=["batch_stats"]
-            )
-            return logits, emb, updates["batch_stats"]
-    logits, emb = model.apply(variables, x, train=train, mask=mask)
+            out, updates = model.apply(variables, x, train=True, mask=mask, mutable=["batch_stats"])
+            return *_check_outputs(model, out), updates["batch_stats"]
+    logits, emb = _check_outputs(model, model.apply(variables, x, train=train, mask=mask))
     return logits, emb, batch_stats
 
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
-    """`{'params', 'batch_stats'}` for inputs `[batch, *input_shape]` (batch_stats may be {})."""
-    variables = model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    """`{'params', 'batch_stats'}` for inputs `[batch, *input_shape]` (batch_stats may be {}).
+
+    Checks that `model` follows the contract in `camu_jax.models` (TypeError otherwise).
+    """
+    check_model(model)
+    return _init_fn(model, tuple(input_shape))(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _init_fn(model: nn.Module, input_shape: tuple[int, ...]):
+    # One compiled program per model and shape: eagerly, every initializer of every layer
+    # would compile on its own (seconds on an accelerator, for each new shape).
+    def init(key):
+        x = jnp.zeros((1, *input_shape), jnp.float32)
+        out, variables = model.init_with_output(key, x, train=False)
+        _check_outputs(model, out)
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+    return jax.jit(init)
 
 
 def init_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
@@ -191,6 +282,11 @@ def camu_step(
     # The head gets no gradient from L_rep; PyTorch's optimizer1 then skips it entirely (no
     # Adam step, no weight decay), so its step-A update is dropped here.
     heads = head_modules(model)
+    if unknown := [h for h in heads if h not in updates]:
+        raise ValueError(
+            f"{type(model).__name__}.head_modules names {unknown}, which are not top-level "
+            f"parameter collections (those are {sorted(updates)})"
+        )
     updates = {k: jax.tree.map(jnp.zeros_like, u) if k in heads else u for k, u in updates.items()}
     params = optax.apply_updates(state.params, updates)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from camu_jax.data.pipeline import (
     preprocess,
     shuffled_batches,
 )
-from camu_jax.steps import adam_l2, init_train_state, train_step
+from camu_jax.steps import adam_l2, check_number, init_train_state, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +44,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
 
     def validate(self) -> None:
-        check_positive("epochs", self.epochs)
-        check_positive("batch size", self.batch_size)
-        check_positive("learning rate", self.learning_rate)
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight decay must be finite and >= 0, got {self.weight_decay}")
-
-
-def check_positive(name: str, value) -> None:
-    """Raises ValueError naming `value` unless it is a finite number > 0."""
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        """Raises ValueError naming the first bad value."""
+        for name in ("epochs", "batch_size"):
+            check_number(name, getattr(self, name), integer=True)
+        check_number("learning_rate", self.learning_rate)
+        check_number("weight_decay", self.weight_decay, positive=False)
 
 
 def train_program(model: nn.Module, tx, spec: InputSpec, mesh: Mesh) -> engine.Program:
@@ -76,7 +69,11 @@ def train_program(model: nn.Module, tx, spec: InputSpec, mesh: Mesh) -> engine.P
         }
         return sharding.constrain_batch(batch, mesh)
 
-    return engine.Program(functools.partial(train_step, model=model, tx=tx), make_batch)
+    return engine.Program(
+        init=functools.partial(init_train_state, tx=tx),
+        step=functools.partial(train_step, model=model, tx=tx),
+        make_batch=make_batch,
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -102,11 +99,12 @@ def _member_key(seed: int) -> np.ndarray:
 class _Member:
     """Bookkeeping of one member: where it starts, its checkpoint, its losses."""
 
-    def __init__(self, index, name, items, seed, directory, meta):
+    def __init__(self, index, name, items, seed, directory, meta, variables):
         self.index, self.name, self.items, self.seed = index, name, items, seed
         self.directory, self.meta = directory, dict(meta or {})
         self.start, self.seconds, self.losses = 0, 0.0, []
-        self.state = None
+        self.variables = variables
+        self.state = None  # a restored state (host), when resuming
 
 
 def train_population(
@@ -159,21 +157,21 @@ def train_population(
             raise ValueError(f"{name}: cannot train on an empty set of items")
     tx = adam_l2(config.learning_rate, config.weight_decay)
     members = [
-        _Member(i, names[i], np.asarray(items[i]), seeds[i], dirs[i], metas[i])
+        _Member(i, names[i], np.asarray(items[i]), seeds[i], dirs[i], metas[i], variables[i])
         for i in range(count)
     ]
     results: list = [None] * count
     pending = []
     for m in members:
-        state = init_train_state(variables[m.index], tx)
         if m.directory is not None and checkpointing.latest_step(m.directory) is not None:
+            abstract = _abstract(jax.eval_shape(lambda v: init_train_state(v, tx), m.variables))
             m.start, state, saved = checkpointing.restore(
-                m.directory, abstract_state=jax.eval_shape(lambda s=state: s), expected_meta=m.meta
+                m.directory, abstract_state=abstract, expected_meta=m.meta
             )
             m.start, m.seconds = min(m.start, config.epochs), float(saved.get("seconds", 0.0))
-        m.state = state
+            m.state = jax.tree.map(np.asarray, state)
         if m.start >= config.epochs:
-            results[m.index] = (_variables(state), _info(m, config, 0.0, 0.0))
+            results[m.index] = (_variables(m.state), _info(m, config, 0.0, 0.0))
         else:
             pending.append(m)
     if pending:
@@ -216,7 +214,13 @@ def _train_wave(run, members, size, data, config, chunk_steps, callback, every, 
     member_data = sharding.shard_members(
         {"items": tables, "key": np.stack([_member_key(m.seed) for m in padded])}, mesh
     )
-    state = sharding.shard_members(engine.stack([m.state for m in padded]), mesh)
+    state = run.init(engine.stack([m.variables for m in padded]))
+    if any(m.state is not None for m in members):  # resumed members continue their state
+        host = sharding.fetch(state)
+        for j, m in enumerate(members):
+            if m.state is not None:
+                host = jax.tree.map(lambda h, r, j=j: _put(h, j, r), host, m.state)
+        state = sharding.shard_members(host, mesh)
     shared = (data.images, data.labels)
     steps = [-(-len(m.items) // b) for m in members]
     chunk = max(1, min(chunk_steps, -(-width // b)))
@@ -236,8 +240,7 @@ def _train_wave(run, members, size, data, config, chunk_steps, callback, every, 
         for lo in range(0, plan["ids"].shape[1], chunk):
             part = {k: v[:, lo : lo + chunk] for k, v in plan.items()}
             state, metrics = run(state, shared, member_data, part)
-            metrics = sharding.fetch(metrics)
-            engine.check_finite(metrics, names, f"{desc} epoch {epoch + 1}")
+            engine.check_finite(metrics, names, f"{desc} epoch {epoch + 1}", state)
             for j, m in enumerate(members):
                 means = engine.chunk_means(metrics, ("loss",), j)
                 if means:
@@ -271,6 +274,18 @@ def _train_wave(run, members, size, data, config, chunk_steps, callback, every, 
     return [
         (_variables(host[j]), _info(m, config, share, compile_share)) for j, m in enumerate(members)
     ]
+
+
+def _put(stacked: np.ndarray, j: int, value) -> np.ndarray:
+    out = np.array(stacked)
+    out[j] = np.asarray(value)
+    return out
+
+
+def _abstract(tree):
+    """Restore target on this process's first device (every process restores every member)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
 def _info(m: _Member, config: TrainConfig, seconds: float, compile_seconds: float) -> dict:

@@ -31,7 +31,14 @@ from camu_jax.data.pipeline import (
 )
 from camu_jax.data.splits import Splits
 from camu_jax.evaluation import predict
-from camu_jax.steps import CamuCoefficients, adam_l2, apply_model, camu_step, init_camu_state
+from camu_jax.steps import (
+    CamuCoefficients,
+    adam_l2,
+    apply_model,
+    camu_step,
+    check_number,
+    init_camu_state,
+)
 
 MNIST_LIKE = ("digits", "mnist", "fashion_mnist")
 CIFAR_LIKE = ("cifar10", "cifar100")
@@ -41,12 +48,23 @@ CIFAR_LIKE = ("cifar10", "cifar100")
 class CamuConfig:
     """Hyperparameters of CaMU unlearning (defaults: the reference's MNIST class preset)."""
 
-    epochs: int = 2
+    epochs: int = 2  # passes over D_f
     kl_lr: float = 4e-4  # step A (L_rep), the reference's KL_LR
     impair_lr: float = 1e-3  # step B (L_out), the reference's IMPAIR_LR
-    batch_size: int = 32
-    weight_decay: float = 1e-4
+    batch_size: int = 32  # D_f items and D_s items per step (each)
+    weight_decay: float = 1e-4  # coupled L2 of both Adam optimizers
     coefficients: CamuCoefficients = CamuCoefficients()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad value: epochs and batch size must be positive
+        integers, learning rates positive and finite, weight decay and coefficients finite and
+        non-negative. (Zero epochs would return the original model as "unlearned".)"""
+        for name in ("epochs", "batch_size"):
+            check_number(f"CaMU {name}", getattr(self, name), integer=True)
+        for name in ("kl_lr", "impair_lr"):
+            check_number(f"CaMU {name}", getattr(self, name))
+        check_number("CaMU weight_decay", self.weight_decay, positive=False)
+        self.coefficients.validate()
 
 
 # The reference's per-scenario presets (camu_reference.md, section 4).
@@ -73,7 +91,7 @@ def camu_preset(dataset: str, scenario: str) -> CamuConfig:
 def camu_program(model: nn.Module, config: CamuConfig, spec: InputSpec, mesh: Mesh):
     """CaMU double steps: member data `forget_rows`, `sample_rows`, `y_cf`, `z0_cf`, `z0_s`
     (or the `teacher` when inputs are augmented), keys `aug_key`, `step_key`; plan rows
-    `f_ids`, `f_mask`, `s_ids`, `s_mask`. Returns `(program, kl_tx, ce_tx)`."""
+    `f_ids`, `f_mask`, `s_ids`, `s_mask`; the state starts as a copy of the frozen original."""
     kl_tx = adam_l2(config.kl_lr, config.weight_decay)
     ce_tx = adam_l2(config.impair_lr, config.weight_decay)
     step = functools.partial(
@@ -113,14 +131,14 @@ def camu_program(model: nn.Module, config: CamuConfig, spec: InputSpec, mesh: Me
         }
         return sharding.constrain_batch(batch, mesh)
 
-    return engine.Program(step, make_batch), kl_tx, ce_tx
+    init = functools.partial(init_camu_state, kl_tx=kl_tx, ce_tx=ce_tx)
+    return engine.Program(init=init, step=step, make_batch=make_batch)
 
 
 @functools.lru_cache(maxsize=16)
 def _engine(model, config, spec, mesh, use_scan):
     # One engine per (model, config): a study's waves and calls reuse its compiled programs.
-    program, kl_tx, ce_tx = camu_program(model, config, spec, mesh)
-    return engine.Engine(program, mesh, use_scan=use_scan), kl_tx, ce_tx
+    return engine.Engine(camu_program(model, config, spec, mesh), mesh, use_scan=use_scan)
 
 
 def member_keys(seed: int) -> dict[str, np.ndarray]:
@@ -170,11 +188,25 @@ def unlearn_population(
     `compile_seconds`, `losses` (per chunk means), `steps`, `counterfactual_labels`,
     `counterfactual_pair`.
     """
+    config.validate()
     sharding.check_batch_size(config.batch_size, data.mesh)
     count = len(originals)
     names = list(names or [f"camu {i}" for i in range(count)])
     size = engine.wave_size(population_size, count, data.mesh)
-    run, kl_tx, ce_tx = _engine(model, config, data.spec, data.mesh, use_scan)
+    run = _engine(model, config, data.spec, data.mesh, use_scan)
+    # Widths and chunk length from every member of the phase, not of a wave: one shape, one
+    # compile, for all waves.
+    # (Rounded up, so calls with similar set sizes share them too.)
+    nf = -(-max(sp.forget.size * sp.repeat for sp in splits) // 512) * 512
+    ns = -(-max(sp.sample.size for sp in splits) // 512) * 512
+    steps = max(
+        min(
+            -(-sp.forget.size * sp.repeat // config.batch_size),
+            -(-sp.sample.size // config.batch_size),
+        )
+        for sp in splits
+    )
+    shape = (nf, ns, max(1, min(chunk_steps, steps)))
     results: list = [None] * count
     for wave in engine.waves(count, size):
         outs = _unlearn_wave(
@@ -186,11 +218,9 @@ def unlearn_population(
             [seeds[i] for i in wave],
             [names[i] for i in wave],
             size,
+            shape,
             num_classes,
             config,
-            kl_tx,
-            ce_tx,
-            chunk_steps,
             progress,
         )
         for i, out in zip(wave, outs, strict=True):
@@ -207,14 +237,13 @@ def _unlearn_wave(
     seeds,
     names,
     size,
+    shape,
     num_classes,
     config,
-    kl_tx,
-    ce_tx,
-    chunk_steps,
     progress,
 ):
     timer = engine.Timer()
+    nf, ns, chunk = shape
     mesh, real, b = data.mesh, len(originals), config.batch_size
     pad = functools.partial(engine.pad_members, size=size)
     originals, splits, seeds, names = pad(originals), pad(splits), pad(seeds), pad(names)
@@ -230,7 +259,6 @@ def _unlearn_wave(
         for seed, f, s in zip(seeds, forget, sample, strict=True)
     ]
     keys = [member_keys(seed) for seed in seeds]
-    nf, ns = max(len(f) for f in forget), max(len(s) for s in sample)
 
     def padded(arrays, width):
         out = np.zeros((size, width), np.int32)
@@ -259,22 +287,20 @@ def _unlearn_wave(
         aug_keys=aug_keys if data.spec.augment else None,
         noise_keys=np.stack([k["noise"] for k in keys]),
         fetch=False,
+        width=nf,
     )
     if data.spec.augment:
         member["teacher"] = teacher
     else:
         member["z0_s"] = predict(
-            model, teacher, data, padded(sample, ns), embedding=True, fetch=False
+            model, teacher, data, padded(sample, ns), embedding=True, fetch=False, width=ns
         )
     jax.block_until_ready(member)
     construct_seconds = timer.seconds
 
-    state = sharding.shard_members(
-        _stack([init_camu_state(o, kl_tx, ce_tx) for o in originals]), mesh
-    )
+    state = run.init(_stack(originals))
     shared = (data.images, data.labels)
     steps = [min(-(-len(f) // b), -(-len(s) // b)) for f, s in zip(forget, sample, strict=True)]
-    chunk = max(1, min(chunk_steps, max(steps)))
     losses = [[] for _ in range(real)]
     bar = tqdm(
         total=config.epochs * sum(steps[:real]),
@@ -294,8 +320,7 @@ def _unlearn_wave(
         for lo in range(0, plan["f_ids"].shape[1], chunk):
             part = {k: v[:, lo : lo + chunk] for k, v in plan.items()}
             state, metrics = run(state, shared, member, part)
-            metrics = sharding.fetch(metrics)
-            engine.check_finite(metrics, names, f"camu epoch {epoch + 1}")
+            engine.check_finite(metrics, names, f"camu epoch {epoch + 1}", state)
             for j in range(real):
                 means = engine.chunk_means(metrics, ("loss_rep", "loss_out"), j)
                 if means:

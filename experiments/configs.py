@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 from camu_jax.data.splits import ForgetSpec, cifar100_class_spec
+from camu_jax.steps import check_number
 from camu_jax.unlearning import CamuConfig, camu_preset
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
@@ -18,37 +20,50 @@ class ExperimentConfig:
 
     forget_classes: for scenario "class", a tuple of class groups: each group is forgotten
       together in its own run (`--forget-class all` gives one group per class).
-    camu: None means the reference preset for (dataset, scenario).
+    camu: None means the reference preset for (dataset, scenario) with this `batch_size`.
     """
 
+    # digits (ships with scikit-learn), mnist, fashion_mnist, cifar10 or cifar100
     dataset: str = "digits"
-    model: str = "cnn"
-    scenario: str = "class"
+    model: str = "cnn"  # cnn, resnet18 (ImageNet stem, 224x224 as the reference), resnet18_cifar
+    scenario: str = "class"  # class, random, proportions or indices
     forget_classes: tuple[tuple[int, ...], ...] = ((0,),)
-    forget_fraction: float = 0.1
-    forget_proportions: tuple[float, ...] = ()
-    forget_indices: tuple[int, ...] = ()
-    seeds: tuple[int, ...] = (0,)
-    original_epochs: int = 20
+    forget_fraction: float = 0.1  # scenario random: the forgotten share of the training set
+    forget_proportions: tuple[float, ...] = ()  # scenario proportions: per-class shares
+    forget_indices: tuple[int, ...] = ()  # scenario indices: training indices to forget
+    seeds: tuple[int, ...] = (0,)  # one run per seed
+    original_epochs: int = 20  # epochs of the original and the retrained model (reference: 20)
+    # Batch of every phase: original, retrain, relearning, and CaMU unless camu.batch_size is set.
     batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
+    learning_rate: float = 1e-3  # Adam lr of the original, retrained and relearning models
+    weight_decay: float = 1e-4  # their coupled L2 (PyTorch Adam's weight_decay)
     camu: CamuConfig | None = None
-    relearn: bool = True
-    relearn_every: int = 100
-    workdir: str = "runs/default"
-    checkpoint_dir: str | None = None  # default <workdir>/checkpoints
-    data_dir: str | None = None
-    manual_dir: str | None = None
-    progress: bool = True
+    relearn: bool = True  # the relearning check (one epoch on D_r) after unlearning
+    relearn_every: int = 100  # batches between two points of the relearning curve
+    # Runs trained together as one program (a population); none: every run of a phase at once
+    # (waves that fit the device's free memory); 1: one run at a time (the sequential path).
+    population_size: int | None = None
+    # Processes that fit the membership attacks of different models in parallel (default: the
+    # usable cores; 1: in this process). The metric values do not depend on it.
+    eval_workers: int | None = None
+    workdir: str = "runs/default"  # results, splits, reports
+    checkpoint_dir: str | None = None  # trained models, reused (default <workdir>/checkpoints)
+    data_dir: str | None = None  # TFDS data dir (default ~/tensorflow_datasets)
+    manual_dir: str | None = None  # offline source files for the TFDS builder
+    progress: bool = True  # progress bars
 
     @property
     def num_classes(self) -> int:
         return NUM_CLASSES[self.dataset]
 
     def camu_config(self) -> CamuConfig:
+        """`camu`, or the reference preset with `batch_size`: the batch is one setting of the
+        whole run unless `camu` says otherwise."""
+        if self.camu is not None:
+            return self.camu
         preset_scenario = "class" if self.scenario == "class" else "random"
-        return self.camu or camu_preset(self.dataset, preset_scenario)
+        preset = camu_preset(self.dataset, preset_scenario)
+        return dataclasses.replace(preset, batch_size=self.batch_size)
 
     def forget_specs(self) -> list[tuple[tuple[int, ...] | None, ForgetSpec]]:
         """`(forgotten classes or None, spec)` for every forgetting run of one seed."""
@@ -86,12 +101,20 @@ class ExperimentConfig:
                             f"forget class {c} is outside the label range 0..{self.num_classes - 1}"
                             f" of {self.dataset}"
                         )
-        if self.scenario == "random" and not 0.0 < self.forget_fraction < 1.0:
+        if self.scenario == "random" and not 0.0 < self.forget_fraction < 1.0:  # also NaN
             raise ValueError(
                 f"forget fraction {self.forget_fraction} must lie strictly between 0 and 1"
             )
+        if self.scenario == "proportions":
+            for p in self.forget_proportions:
+                if not 0.0 <= p <= 1.0:  # also NaN
+                    raise ValueError(f"forget proportion {p} must lie in [0, 1]")
         if self.scenario == "indices" and not self.forget_indices:
             raise ValueError("scenario 'indices' needs a non-empty --forget-indices file")
+        for i in self.forget_indices:
+            # np.asarray(..., int64) later would silently truncate 3.5 to 3: the wrong item.
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+                raise ValueError(f"forget indices must be integers, got {i!r}")
         if self.manual_dir is not None:
             from pathlib import Path
 
@@ -99,10 +122,17 @@ class ExperimentConfig:
                 raise ValueError(f"manual dir {self.manual_dir} does not exist or is not a folder")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
-        if self.original_epochs < 1:
-            raise ValueError(f"original epochs must be >= 1, got {self.original_epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        for seed in self.seeds:
+            check_number("seed", seed, integer=True, positive=False)
+        check_number("original epochs", self.original_epochs, integer=True)
+        check_number("batch size", self.batch_size, integer=True)
+        check_number("learning rate", self.learning_rate)
+        check_number("weight decay", self.weight_decay, positive=False)
+        check_number("relearn every", self.relearn_every, integer=True)
+        for name in ("population_size", "eval_workers"):
+            if getattr(self, name) is not None:
+                check_number(name.replace("_", " "), getattr(self, name), integer=True)
+        self.camu_config().validate()
 
 
 def default_model(dataset: str) -> str:

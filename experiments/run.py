@@ -1,4 +1,10 @@
-"""One experiment: original, retrain and CaMU per (forget set, seed), evaluated side by side."""
+"""One study: original, retrain and CaMU for every (seed, forget set), evaluated side by side.
+
+A study runs phase by phase, each phase as populations of runs on the loop engine
+(`camu_jax.engine`): all originals (one per seed), all retrains and all CaMU runs (one per seed
+x forget set), one batched evaluation of every model, all relearning checks. `population_size`
+caps the members of one wave; 1 runs them one at a time (the sequential path).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,22 @@ import hashlib
 import io
 import json
 import math
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from camu_jax import checkpointing, metrics, sharding
+from camu_jax import checkpointing, engine, metrics, sharding
 from camu_jax.data.loading import Dataset, load_dataset
-from camu_jax.data.pipeline import input_spec_for
+from camu_jax.data.pipeline import DeviceData, input_spec_for
 from camu_jax.data.splits import Splits, make_splits
-from camu_jax.evaluation import predict_logits, reference_accuracies
+from camu_jax.evaluation import evaluate
 from camu_jax.models import create_model
-from camu_jax.reporting import atomic_write_bytes, build_reports, summarize
+from camu_jax.relearning import RelearnConfig, relearn
+from camu_jax.reporting import atomic_write_bytes, build_reports, remove_stale_temp_files, summarize
 from camu_jax.steps import init_variables
-from camu_jax.training import train_model
-from camu_jax.unlearning import unlearn
+from camu_jax.training import TrainConfig, train_population
+from camu_jax.unlearning import unlearn_population
 from experiments.configs import ExperimentConfig
 
 METHODS = ("original", "retrain", "camu")
@@ -54,14 +60,31 @@ def _clean(x):
     return x
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """One (seed, forget set) of a study."""
+
+    seed: int
+    classes: tuple[int, ...] | None
+    splits: Splits
+    name: str
+
+
 class Experiment:
-    """Holds the data on device and runs every (forget set, seed) of a config."""
+    """Holds the data on device and runs every phase of a config's study."""
 
     def __init__(self, config: ExperimentConfig):
         config.validate()
         self.config = config
-        self.mesh = sharding.make_mesh()
-        sharding.check_batch_size(config.batch_size, self.mesh)
+        devices = jax.devices()
+        members = 1 if config.population_size == 1 else len(devices)
+        self.mesh = sharding.make_mesh(devices, member_devices=members)
+        # Every phase's batch is checked here, before any model is trained or file written.
+        for phase, batch in (("", config.batch_size), ("CaMU ", config.camu_config().batch_size)):
+            try:
+                sharding.check_batch_size(batch, self.mesh)
+            except ValueError as e:
+                raise ValueError(f"{phase}{e}") from None
         self.data: Dataset = load_dataset(
             config.dataset,
             data_dir=config.data_dir,
@@ -69,16 +92,49 @@ class Experiment:
             progress=config.progress,
         )
         self.model = create_model(config.model, num_classes=self.data.num_classes)
-        self.spec = input_spec_for(config.dataset, config.model)
-        self.input_shape = self.spec.input_shape(self.data.image_shape)
-        self.images, self.labels, self.test_images = sharding.replicate(
-            (self.data.train_images, self.data.train_labels, self.data.test_images), self.mesh
+        spec = input_spec_for(config.dataset, config.model)
+        self.train = DeviceData.put(
+            self.data.train_images, self.data.train_labels, spec=spec, mesh=self.mesh
         )
+        self.test = DeviceData.put(
+            self.data.test_images, self.data.test_labels, spec=spec, mesh=self.mesh
+        )
+        self.input_shape = self.train.input_shape
         self.workdir = Path(config.workdir)
         self.ckpt_root = Path(config.checkpoint_dir or self.workdir / "checkpoints")
+        self.train_config = TrainConfig(
+            epochs=config.original_epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+        )
 
-    # -- models ---------------------------------------------------------------------------
+    # -- the study's runs -------------------------------------------------------------------
+    def runs(self) -> list[Run]:
+        """Every (seed, forget set), its splits built (and so validated) up front."""
+        c = self.config
+        out = []
+        for seed in c.seeds:
+            for classes, spec in c.forget_specs():
+                splits = make_splits(
+                    self.data.train_labels, spec, seed=seed, num_classes=self.data.num_classes
+                )
+                tag = "all" if classes is None else "-".join(map(str, classes))
+                out.append(Run(seed, classes, splits, f"{c.scenario}-{tag}-seed{seed}"))
+        return out
+
+    def inapplicable(self, splits: Splits) -> dict[str, str]:
+        """Attacks these split sizes cannot support (reported as null, with the reason)."""
+        return metrics.inapplicable_attacks(
+            n_forget=splits.forget.size,
+            n_sample=splits.sample.size,
+            n_remain=splits.remain.size,
+            n_test=self.data.num_test,
+        )
+
+    # -- models -----------------------------------------------------------------------------
     def _meta(self, kind: str, seed: int, extra: dict | None = None) -> dict:
+        """The identity of a trained model: every setting that changes its weights."""
         c = self.config
         return {
             "kind": kind,
@@ -88,261 +144,231 @@ class Experiment:
             "input_shape": list(self.input_shape),
             "seed": seed,
             "epochs": c.original_epochs,
+            "batch_size": c.batch_size,
+            "learning_rate": c.learning_rate,
+            "weight_decay": c.weight_decay,
+            "train_data_sha256": self.data.train_fingerprint,
             **(extra or {}),
         }
 
-    def _train(self, kind: str, seed: int, items: np.ndarray, directory: Path, extra=None):
+    def _directory(self, kind: str, name: str, meta: dict) -> Path:
+        """`<kind>/<name>-<identity hash>`: a model trained with other settings lives in its
+        own directory instead of being restored by mistake."""
+        ident = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:8]
+        return self.ckpt_root / kind / f"{name}-{ident}"
+
+    def _train(self, kind: str, seeds, items, names, extras) -> list[tuple[dict, dict]]:
         c = self.config
-        variables = init_variables(self.model, jax.random.key(seed), self.input_shape)
-        return train_model(
+        metas = [self._meta(kind, s, e) for s, e in zip(seeds, extras, strict=True)]
+        return train_population(
             self.model,
-            variables,
-            images=self.images,
-            labels=self.labels,
+            [init_variables(self.model, jax.random.key(s), self.input_shape) for s in seeds],
+            data=self.train,
             items=items,
-            spec=self.spec,
-            mesh=self.mesh,
-            epochs=c.original_epochs,
-            seed=seed,
-            batch_size=c.batch_size,
-            learning_rate=c.learning_rate,
-            weight_decay=c.weight_decay,
-            checkpoint_dir=directory,
-            meta=self._meta(kind, seed, extra),
+            seeds=seeds,
+            config=self.train_config,
+            names=[f"{kind} {n}" for n in names],
+            checkpoint_dirs=[
+                self._directory(kind, n, m) for n, m in zip(names, metas, strict=True)
+            ],
+            metas=metas,
+            population_size=c.population_size,
             progress=c.progress,
-            desc=f"{kind} seed {seed}",
+            desc=kind,
         )
 
-    def original(self, seed: int):
-        """The original model on all of D: trained once per (dataset, model, seed, epochs)."""
+    def originals(self, seeds) -> dict[int, tuple[dict, dict]]:
+        """The original model on all of D, one per seed: trained once per identity."""
         c = self.config
-        name = f"{c.dataset}-{c.model}-seed{seed}-ep{c.original_epochs}"
+        names = [f"{c.dataset}-{c.model}-seed{s}-ep{c.original_epochs}" for s in seeds]
+        items = [np.arange(self.data.num_train)] * len(seeds)
+        out = self._train("original", list(seeds), items, names, [None] * len(seeds))
+        return dict(zip(seeds, out, strict=True))
+
+    def retrains(self, runs: list[Run]) -> list[tuple[dict, dict]]:
+        """The gold standard: the same recipe on D_r only, once per identity and split."""
+        c = self.config
+        digests = [_digest(r.splits) for r in runs]
+        names = [
+            f"{c.dataset}-{c.model}-seed{r.seed}-ep{c.original_epochs}-split{d}"
+            for r, d in zip(runs, digests, strict=True)
+        ]
         return self._train(
-            "original", seed, np.arange(self.data.num_train), self.ckpt_root / "original" / name
+            "retrain",
+            [r.seed for r in runs],
+            [r.splits.remain for r in runs],
+            names,
+            [{"split": d} for d in digests],
         )
 
-    def retrain(self, seed: int, splits: Splits):
-        """The gold standard: the same recipe on D_r only, once per (…, split)."""
+    def unlearn(self, runs: list[Run], originals: dict) -> list[tuple[dict, dict]]:
         c = self.config
-        digest = _digest(splits)
-        name = f"{c.dataset}-{c.model}-seed{seed}-ep{c.original_epochs}-split{digest}"
-        return self._train(
-            "retrain", seed, splits.remain, self.ckpt_root / "retrain" / name, {"split": digest}
-        )
-
-    # -- evaluation -----------------------------------------------------------------------
-    def evaluate(self, variables: dict, splits: Splits, forget_classes, seed: int) -> dict:
-        logits_tr = predict_logits(
-            self.model, variables, self.images, spec=self.spec, mesh=self.mesh
-        )
-        logits_te = predict_logits(
-            self.model, variables, self.test_images, spec=self.spec, mesh=self.mesh
-        )
-        y_tr, y_te = self.data.train_labels, self.data.test_labels
-        out = reference_accuracies(
-            train_logits=logits_tr,
-            train_labels=y_tr,
-            test_logits=logits_te,
-            test_labels=y_te,
-            splits=splits,
-            forget_classes=forget_classes,
-        )
-        p_tr, p_te = metrics.softmax(logits=logits_tr), metrics.softmax(logits=logits_te)
-        out["mia"] = metrics.reference_mia(
-            sample_probs=p_tr[splits.sample],
-            test_probs=p_te,
-            forget_probs=p_tr[splits.forget],
-            seed=seed,
-        )
-        mia_eff = metrics.mia_efficacy(
-            remain_probs=p_tr[splits.remain],
-            remain_labels=y_tr[splits.remain],
-            test_probs=p_te,
-            test_labels=y_te,
-            forget_probs=p_tr[splits.forget],
-            forget_labels=y_tr[splits.forget],
-            seed=seed,
-        )
-        ta = out["test_remain_acc"] if forget_classes else out["test_acc"]
-        scores = metrics.unlearning_scores(
-            forget_acc=out["forget_train_acc"],
-            remain_acc=out["remain_train_acc"],
-            test_acc=ta,
-            mia_efficacy=mia_eff,
-        )
-        out.update(UA=scores["UA"], RA=scores["RA"], TA=scores["TA"], mia_efficacy=mia_eff)
-        out["loss_attack"] = metrics.loss_attack(
-            forget_losses=metrics.per_example_cross_entropy(
-                probs_or_logits=logits_tr[splits.forget],
-                labels=y_tr[splits.forget],
-                from_logits=True,
-            ),
-            test_losses=metrics.per_example_cross_entropy(
-                probs_or_logits=logits_te, labels=y_te, from_logits=True
-            ),
-            seed=seed,
-        )
-        return out
-
-    def relearn(self, variables: dict, splits: Splits, seed: int, name: str) -> dict:
-        """The paper's relearning check: one epoch of the original recipe on D_r, recording
-        acc(D_r) - acc(D_f) every `relearn_every` batches (on a fixed subset of at most 10,000
-        D_r items, for speed; all of D_f up to 10,000)."""
-        c = self.config
-        rng = np.random.default_rng([seed, 5])
-        remain = np.sort(rng.choice(splits.remain, min(10_000, splits.remain.size), replace=False))
-        forget = splits.forget[:10_000]
-        y = self.data.train_labels
-        batches, gaps = [], []
-
-        def record(step, v):
-            pr = predict_logits(
-                self.model, v, self.images, spec=self.spec, mesh=self.mesh, rows=remain
-            )
-            pf = predict_logits(
-                self.model, v, self.images, spec=self.spec, mesh=self.mesh, rows=forget
-            )
-            gap = 100 * np.mean(pr.argmax(-1) == y[remain]) - 100 * np.mean(
-                pf.argmax(-1) == y[forget]
-            )
-            batches.append(int(step))
-            gaps.append(float(gap))
-
-        record(0, variables)
-        train_model(
+        return unlearn_population(
             self.model,
-            jax.tree.map(np.asarray, variables),
-            images=self.images,
-            labels=self.labels,
-            items=splits.remain,
-            spec=self.spec,
-            mesh=self.mesh,
-            epochs=1,
-            seed=seed,
-            batch_size=c.batch_size,
-            learning_rate=c.learning_rate,
-            weight_decay=c.weight_decay,
-            chunk_steps=c.relearn_every,
-            callback=record,
-            progress=c.progress,
-            desc=f"relearn {name}",
-        )
-        return {"batches": batches, "gap": gaps}
-
-    # -- one run --------------------------------------------------------------------------
-    def splits(self, seed: int, spec) -> Splits:
-        return make_splits(
-            self.data.train_labels, spec, seed=seed, num_classes=self.data.num_classes
-        )
-
-    def run_one(self, seed: int, forget_classes, splits: Splits, original: dict, original_seconds):
-        c = self.config
-        tag = "all" if forget_classes is None else "-".join(map(str, forget_classes))
-        run_name = f"{c.scenario}-{tag}-seed{seed}"
-        _save_npz(self.workdir / "splits" / f"{run_name}.npz", splits.to_arrays())
-        retrained, rinfo = self.retrain(seed, splits)
-        camu_vars, cinfo = unlearn(
-            self.model,
-            original,
-            images=self.images,
-            labels=self.labels,
-            splits=splits,
+            [originals[r.seed][0] for r in runs],
+            data=self.train,
+            splits=[r.splits for r in runs],
+            seeds=[r.seed for r in runs],
             num_classes=self.data.num_classes,
-            spec=self.spec,
-            mesh=self.mesh,
             config=c.camu_config(),
-            seed=seed,
+            names=[f"camu {r.name}" for r in runs],
+            population_size=c.population_size,
             progress=c.progress,
         )
+
+    def save_unlearned(self, run: Run, method: str, variables: dict) -> None:
         checkpointing.save_next(
-            self.ckpt_root / "camu" / f"{c.dataset}-{c.model}-{run_name}",
-            camu_vars,
-            self._meta("camu", seed, {"split": _digest(splits), "run": run_name}),
+            self.ckpt_root / method / f"{self.config.dataset}-{self.config.model}-{run.name}",
+            variables,
+            self._meta(method, run.seed, {"split": _digest(run.splits), "run": run.name}),
         )
-        seconds = {
-            "original": original_seconds,
-            "retrain": rinfo["seconds"],
-            "camu": cinfo["seconds"],
-        }
-        models = {"original": original, "retrain": retrained, "camu": camu_vars}
-        results = {}
-        for method, v in models.items():
-            results[method] = self.evaluate(v, splits, forget_classes, seed)
-            results[method]["seconds"] = seconds[method]
-        keys = ("UA", "RA", "TA", "mia_efficacy")
-        for method, r in results.items():
-            r["avg_gap"] = metrics.avg_gap(r, results["retrain"], keys=keys)
-            r["rte"] = (
-                None
-                if method == "original"
-                else metrics.rte(
-                    retrain_seconds=seconds["retrain"], unlearn_seconds=seconds[method]
-                )
-            )
-        results["camu"]["construct_seconds"] = cinfo["construct_seconds"]
-        run = {
-            "forget_class": (
-                forget_classes[0] if forget_classes and len(forget_classes) == 1 else forget_classes
-            ),
-            "seed": seed,
-            "split_sizes": {**splits.sizes(), "test": self.data.num_test},
-            "split_file": f"splits/{run_name}.npz",
-            "methods": results,
-        }
-        if c.relearn:
-            run["relearn"] = {
-                m: self.relearn(models[m], splits, seed, f"{m} {run_name}")
-                for m in ("camu", "retrain")
-            }
-        return run
+
+
+def _phase(name: str, timer: engine.Timer, members: int, **extra) -> dict:
+    return {
+        "phase": name,
+        "seconds": timer.seconds,
+        "compile_seconds": timer.compile_seconds,
+        "members": members,
+        **extra,
+    }
 
 
 def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
-    """Runs every seed and forget set of `config`; writes `results.json` and the reports
-    (atomically, after every run) into `config.workdir`; returns the results dict."""
+    """Runs the study of `config` phase by phase; writes `results.json` and the reports
+    (atomically) into `config.workdir`; returns the results dict."""
     exp = Experiment(config)
-    # Every split is built (and so validated) before anything is trained or written.
-    plan = {
-        seed: [(classes, exp.splits(seed, spec)) for classes, spec in config.forget_specs()]
-        for seed in config.seeds
-    }
+    runs = exp.runs()
+    for run in runs:
+        for attack, why in exp.inapplicable(run.splits).items():
+            where = f"seed {run.seed}" + ("" if run.classes is None else f", classes {run.classes}")
+            log(f"note: {attack} not applicable ({where}): {why}")
     workdir = exp.workdir
     workdir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(workdir, workdir / "splits")  # Left by a killed run.
+    for run in runs:
+        _save_npz(workdir / "splits" / f"{run.name}.npz", run.splits.to_arrays())
+    phases = []
+
+    timer = engine.Timer()
+    originals = exp.originals(config.seeds)
+    restored = all(info["epochs_run"] == 0 for _, info in originals.values())
+    phases.append(_phase("original", timer, len(config.seeds), restored=restored))
+
+    timer = engine.Timer()
+    retrains = exp.retrains(runs)
+    restored = all(info["epochs_run"] == 0 for _, info in retrains)
+    phases.append(_phase("retrain", timer, len(runs), restored=restored))
+
+    timer = engine.Timer()
+    unlearned = exp.unlearn(runs, originals)
+    phases.append(_phase("camu", timer, len(runs)))
+
+    timer = engine.Timer()
+    models = {
+        "original": [originals[r.seed][0] for r in runs],
+        "retrain": [v for v, _ in retrains],
+        "camu": [v for v, _ in unlearned],
+    }
+    flat = [(m, i) for m in METHODS for i in range(len(runs))]
+    scores = evaluate(
+        exp.model,
+        [models[m][i] for m, i in flat],
+        train=exp.train,
+        test=exp.test,
+        splits=[runs[i].splits for _, i in flat],
+        forget_classes=[runs[i].classes for _, i in flat],
+        seeds=[runs[i].seed for _, i in flat],
+        names=[f"the {m} model of {runs[i].name}" for m, i in flat],
+        population_size=config.population_size,
+        workers=config.eval_workers,
+    )
+    phases.append(_phase("evaluation", timer, len(flat)))
+    # Saved once evaluation has shown finite outputs: finite but huge weights (a far too high
+    # learning rate) pass every check during unlearning.
+    for run, variables in zip(runs, models["camu"], strict=True):
+        exp.save_unlearned(run, "camu", variables)
+
+    curves = {}
+    if config.relearn:
+        timer = engine.Timer()
+        which = [(m, i) for m in ("camu", "retrain") for i in range(len(runs))]
+        out = relearn(
+            exp.model,
+            [models[m][i] for m, i in which],
+            data=exp.train,
+            splits=[runs[i].splits for _, i in which],
+            seeds=[runs[i].seed for _, i in which],
+            config=RelearnConfig(
+                train=dataclasses.replace(exp.train_config, epochs=1), every=config.relearn_every
+            ),
+            names=[f"relearn {m} {runs[i].name}" for m, i in which],
+            population_size=config.population_size,
+            progress=config.progress,
+        )
+        curves = dict(zip(which, out, strict=True))
+        phases.append(_phase("relearn", timer, len(which)))
+
+    seconds = {
+        "original": [originals[r.seed][1]["seconds"] for r in runs],
+        "retrain": [info["seconds"] for _, info in retrains],
+        "camu": [info["seconds"] for _, info in unlearned],
+    }
+    results_runs = []
+    by_key = dict(zip(flat, scores, strict=True))
+    for i, run in enumerate(runs):
+        methods = {}
+        for m in METHODS:
+            methods[m] = {**by_key[(m, i)], "seconds": seconds[m][i]}
+        keys = ("UA", "RA", "TA", "mia_efficacy")
+        for m, r in methods.items():
+            r["avg_gap"] = metrics.avg_gap(r, methods["retrain"], keys=keys)
+            r["rte"] = (
+                None
+                if m == "original"
+                else metrics.rte(
+                    retrain_seconds=seconds["retrain"][i], unlearn_seconds=r["seconds"]
+                )
+            )
+        info = unlearned[i][1]
+        methods["camu"]["construct_seconds"] = info["construct_seconds"]
+        methods["camu"]["compile_seconds"] = info["compile_seconds"]
+        entry = {
+            "forget_class": (
+                run.classes[0] if run.classes and len(run.classes) == 1 else run.classes
+            ),
+            "seed": run.seed,
+            "split_sizes": {**run.splits.sizes(), "test": exp.data.num_test},
+            "split_file": f"splits/{run.name}.npz",
+            "methods": methods,
+        }
+        if skip := exp.inapplicable(run.splits):
+            entry["not_applicable"] = skip
+        if curves:
+            entry["relearn"] = {m: curves[(m, i)] for m in ("camu", "retrain")}
+        results_runs.append(entry)
+        log(format_table(entry))
+
     results = {
-        "config": _clean(dataclasses.asdict(config)),
+        # The CaMU settings actually used, preset included.
+        "config": _clean(
+            dataclasses.asdict(dataclasses.replace(config, camu=config.camu_config()))
+        ),
         "dataset": config.dataset,
         "scenario": config.scenario,
         "model": config.model,
         "devices": [str(d) for d in exp.mesh.devices.flat],
+        "mesh": dict(exp.mesh.shape),
         "versions": {"jax": jax.__version__},
-        "runs": [],
+        "runs": results_runs,
+        "summary": summarize(results_runs),
+        "phases": phases,
     }
-    phases = []
-    for seed in config.seeds:
-        t = time.perf_counter()
-        original, oinfo = exp.original(seed)
-        phases.append(
-            {
-                "phase": f"original seed {seed}",
-                "seconds": time.perf_counter() - t,
-                "restored": oinfo["epochs_run"] == 0,
-            }
-        )
-        for forget_classes, splits in plan[seed]:
-            t = time.perf_counter()
-            run = exp.run_one(seed, forget_classes, splits, original, oinfo["seconds"])
-            phases.append(
-                {"phase": f"run {forget_classes} seed {seed}", "seconds": time.perf_counter() - t}
-            )
-            results["runs"].append(run)
-            results["summary"] = summarize(results["runs"])
-            results["phases"] = phases
-            atomic_write_bytes(
-                workdir / "results.json", json.dumps(_clean(results), indent=2).encode()
-            )
-            build_reports(_clean(results), workdir)
-            log(format_table(run))
-    return _clean(results)
+    results = _clean(results)
+    if jax.process_index() == 0:
+        atomic_write_bytes(workdir / "results.json", json.dumps(results, indent=2).encode())
+        build_reports(results, workdir)
+    return results
 
 
 def format_table(run: dict) -> str:

@@ -230,8 +230,9 @@ def test_cifar_pickles_cannot_run_code(tmp_path):
     evil = {"cifar-100-python/train": pickle.dumps(print)}  # Any global but numpy's.
     arrays, members, _ = _cifar100_members(np.random.default_rng(1), 100, 100)
     _tar_gz(tmp_path / "cifar-100-python.tar.gz", {**members, **evil})
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+    with pytest.raises(builders.DataSourceError, match="refusing to load builtins.print") as e:
         load_dataset("cifar100", data_dir=str(tmp_path / "d"), manual_dir=str(tmp_path))
+    assert isinstance(e.value.__cause__, pickle.UnpicklingError)
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -159,3 +159,55 @@ def test_mean_std_is_population_std():
     assert std == pytest.approx(np.sqrt(1.25))  # ddof=0; ddof=1 would give 1.29
     with pytest.raises(ValueError):
         metrics.mean_std([])
+
+
+@pytest.mark.parametrize(
+    ("sizes", "inapplicable"),
+    [
+        ({"n_forget": 3, "n_sample": 3, "n_remain": 1434, "n_test": 360}, {"loss_attack"}),
+        ({"n_forget": 9, "n_sample": 9, "n_remain": 1428, "n_test": 360}, {"loss_attack"}),
+        ({"n_forget": 10, "n_sample": 10, "n_remain": 1427, "n_test": 360}, set()),
+        (
+            {"n_forget": 500, "n_sample": 500, "n_remain": 4000, "n_test": 1},
+            {"reference_mia"} | {"loss_attack"},
+        ),
+        (
+            {"n_forget": 0, "n_sample": 0, "n_remain": 100, "n_test": 100},
+            {"reference_mia", "mia_efficacy", "loss_attack"},
+        ),
+    ],
+)
+def test_inapplicable_attacks_is_the_rule_the_attacks_enforce(sizes, inapplicable):
+    """The up-front rule says exactly which attacks would raise on sets of these sizes."""
+    why = metrics.inapplicable_attacks(**sizes)
+    assert set(why) == inapplicable
+    rng = np.random.default_rng(0)
+    probs = {
+        k: _spread(sizes[f"n_{k}"], seed=i)
+        for i, k in enumerate(("forget", "sample", "remain", "test"))
+    }
+    labels = {k: p.argmax(1) if len(p) else np.zeros(0, int) for k, p in probs.items()}
+    calls = {
+        "reference_mia": lambda: metrics.reference_mia(
+            sample_probs=probs["sample"], test_probs=probs["test"], forget_probs=probs["forget"]
+        ),
+        "mia_efficacy": lambda: metrics.mia_efficacy(
+            remain_probs=probs["remain"],
+            remain_labels=labels["remain"],
+            test_probs=probs["test"],
+            test_labels=labels["test"],
+            forget_probs=probs["forget"],
+            forget_labels=labels["forget"],
+        ),
+        "loss_attack": lambda: metrics.loss_attack(
+            forget_losses=rng.uniform(size=sizes["n_forget"]),
+            test_losses=rng.uniform(size=sizes["n_test"]),
+        ),
+    }
+    for name, call in calls.items():
+        if name in inapplicable:
+            with pytest.raises(ValueError):
+                call()
+            assert why[name]
+        else:
+            assert np.isfinite(call())

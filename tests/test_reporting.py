@@ -3,6 +3,8 @@
 import copy
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +138,50 @@ def test_cli_missing_results_fails_cleanly(tmp_path):
     assert proc.returncode == 2
     assert str(missing / "results.json") in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- stale temp files of the atomic writer ------------------------------------------------------
+
+
+def _killed_during_write(target: Path) -> Path:
+    """Runs atomic_write_bytes in a child killed (SIGKILL) just before its os.replace; returns
+    the temp file it left behind."""
+    code = (
+        "import os, signal, sys; from camu_jax import reporting; "
+        "reporting.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+        "reporting.atomic_write_bytes(sys.argv[1], b'half')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], cwd=ROOT, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    (left,) = target.parent.glob(f".{target.name}.*.tmp")
+    return left
+
+
+def test_remove_stale_temp_files_takes_only_the_writers_dead_temp_files(tmp_path):
+    (tmp_path / "results.json").write_text("previous")
+    killed = _killed_during_write(tmp_path / "results.json")
+    old_naming = tmp_path / ".results.json.k3j4h5g6.tmp"  # Before the pid and host were added.
+    live = tmp_path / f".results.csv.tmp-{os.getpid()}-{reporting._HOST}-abcd1234.tmp"
+    dead_pid = killed.name.split("-")[1]
+    host = next(h for h in ("0123abcd", "4567cdef") if h != reporting._HOST)
+    other_host = tmp_path / f".results.md.tmp-{dead_pid}-{host}-abcd1234.tmp"
+    kept = [
+        live,  # This process is alive: a concurrent writer's file in flight.
+        other_host,  # A dead pid here, but its writer ran elsewhere: cannot be checked.
+        tmp_path / "notes.tmp",
+        tmp_path / ".results.json.tmp",
+        tmp_path / ".results.json.k3j4h5g6.tmp.bak",
+        tmp_path / ".results.json.TOOLONG99.tmp",
+    ]
+    for path in [old_naming, *kept]:
+        path.write_text("x")
+    (tmp_path / ".dir.k3j4h5g6.tmp").mkdir()  # Only regular files go.
+    (tmp_path / ".link.k3j4h5g6.tmp").symlink_to(tmp_path / "notes.tmp")
+
+    removed = reporting.remove_stale_temp_files(tmp_path, tmp_path / "absent")
+    assert sorted(removed) == sorted([killed, old_naming])
+    assert not killed.exists() and not old_naming.exists()
+    assert all(path.exists() for path in kept)
+    assert (tmp_path / ".dir.k3j4h5g6.tmp").is_dir()
+    assert (tmp_path / ".link.k3j4h5g6.tmp").is_symlink()
+    assert (tmp_path / "results.json").read_text() == "previous"

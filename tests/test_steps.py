@@ -387,6 +387,7 @@ class _TinyResNet(nn.Module):
     global average pooling and a linear head: ResNet18 in miniature."""
 
     num_classes: int = NUM_CLASSES
+    head_modules = ("fc",)
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, mask=None):

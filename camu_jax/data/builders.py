@@ -17,6 +17,7 @@ import hashlib
 import io
 import pickle
 import tarfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +37,28 @@ _IDX_FILES = {
 }
 
 
+class DataSourceError(ValueError):
+    """A source file (IDX file, CIFAR archive or batch) that cannot be read or decoded.
+
+    The message is one line starting with the file, so a CLI can print it as it is.
+    """
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        self.problem = " ".join(problem.split())  # One line, whatever the cause said.
+        super().__init__(f"{self.path}: {self.problem}")
+
+
+def _read_error(path: str | Path, error: Exception) -> DataSourceError:
+    """Wraps an error from reading or decompressing `path`; a truncated stream says so."""
+    reason = str(error) or type(error).__name__
+    if isinstance(error, EOFError):
+        reason = f"truncated ({reason})"
+    return DataSourceError(
+        path, f"cannot be read: {reason}; the file is damaged or not the upstream one"
+    )
+
+
 def fingerprint(array: np.ndarray) -> str:
     """First 16 hex digits of sha256 over the array's C-order bytes (the shared data README's)."""
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
@@ -45,15 +68,24 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Decodes a (possibly gzipped) IDX file: byte 3 = ndim, big-endian uint32 dims, uint8 data."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise
+    # BadGzipFile (bad magic, CRC or length) is an OSError; a damaged deflate stream raises
+    # zlib.error and a truncated one EOFError.
+    except (OSError, EOFError, zlib.error) as e:
+        raise _read_error(path, e) from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4]!r})")
+        raise DataSourceError(path, f"not an unsigned-byte IDX file (magic {raw[:4]!r})")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataSourceError(path, f"IDX header for {ndim} dimensions is cut short")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says shape {tuple(dims)} but holds {data.size} bytes")
+        raise DataSourceError(path, f"header says shape {tuple(dims)} but holds {data.size} bytes")
     return data.reshape(tuple(dims))
 
 
@@ -233,6 +265,13 @@ class CamuFashionMnist(_IdxBuilder, skip_registration=True):
     )
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise _read_error(path, e) from e
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler for the CIFAR python batches: plain containers and numpy arrays only.
 
@@ -250,14 +289,26 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name} (a CIFAR batch holds only numpy arrays and "
+                "plain containers; nothing was run)"
+            )
         if module == "numpy.core.multiarray":
             module = "numpy._core.multiarray"  # numpy>=2 name; avoids a deprecation warning.
         return super().find_class(module, name)
 
 
-def _unpickle(data: bytes) -> dict[str, Any]:
-    obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+def _unpickle(data: bytes, source: str) -> dict[str, Any]:
+    """Decodes one CIFAR pickle; `source` names where it came from for the error message."""
+    try:
+        obj = _SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+    # Untrusted bytes can fail inside pickle in many ways (UnpicklingError, EOFError, ValueError
+    # from a refused or malformed opcode, TypeError from bad arguments to the allowed numpy
+    # globals); all of them mean the same thing here: not a CIFAR batch.
+    except Exception as e:
+        raise DataSourceError(source, f"not a CIFAR python batch: {e}") from e
+    if not isinstance(obj, dict):
+        raise DataSourceError(source, f"holds a {type(obj).__name__}, not a CIFAR batch dict")
     # Python-2 pickles come back with bytes keys; normalise so both kinds read the same.
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
@@ -280,14 +331,15 @@ class _CifarBuilder(_CamuBuilder, skip_registration=True):
     def _members(cls) -> tuple[str, ...]:
         return (*cls.TRAIN_MEMBERS, *cls.TEST_MEMBERS, cls.META_MEMBER)
 
-    def _read_members(self, dl_manager) -> dict[str, bytes]:
+    def _read_members(self, dl_manager) -> dict[str, tuple[str, bytes]]:
+        """`{member: (where it was read, for error messages), its bytes}`."""
         manual = self._manual_path(dl_manager)
         if manual is not None:
             # Accept an extracted folder (`<manual>/<FOLDER>/...` or the files directly in
             # `<manual>`) before the archive, since extracting is what most users have done.
             for folder in (manual / self.FOLDER, manual):
                 if all((folder / m).is_file() for m in self._members()):
-                    return {m: (folder / m).read_bytes() for m in self._members()}
+                    return {m: (str(folder / m), _read_bytes(folder / m)) for m in self._members()}
             archive = manual / self.ARCHIVE
             if not archive.is_file():
                 raise self._missing_files_error(manual, [self.ARCHIVE])
@@ -300,34 +352,51 @@ class _CifarBuilder(_CamuBuilder, skip_registration=True):
                 )
         return self._read_archive(archive)
 
-    def _read_archive(self, archive: Path) -> dict[str, bytes]:
+    def _read_archive(self, archive: Path) -> dict[str, tuple[str, bytes]]:
         wanted = {f"{self.FOLDER}/{m}": m for m in self._members()}
-        found: dict[str, bytes] = {}
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                key = wanted.get(member.name.removeprefix("./"))
-                if key is not None and member.isfile():
-                    found[key] = tar.extractfile(member).read()
+        found: dict[str, tuple[str, bytes]] = {}
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                for member in tar:
+                    name = member.name.removeprefix("./")
+                    key = wanted.get(name)
+                    if key is not None and member.isfile():
+                        found[key] = (f"{archive} (member {name})", tar.extractfile(member).read())
+                # tarfile stops at the end-of-archive blocks, before the gzip trailer; reading on
+                # to the end makes the gzip layer check the CRC that would catch a damaged byte.
+                while tar.fileobj.read(1 << 20):
+                    pass
+        # Besides TarError, a damaged or truncated .gz surfaces from the gzip layer as
+        # BadGzipFile (an OSError), zlib.error or EOFError.
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise _read_error(archive, e) from e
         missing = [n for n, m in wanted.items() if m not in found]
         if missing:
             raise FileNotFoundError(f"{self.name}: archive {archive} lacks {', '.join(missing)}")
         return found
 
-    def _decode(self, blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, blobs: list[tuple[str, bytes]]) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []
-        for blob in blobs:
-            batch = _unpickle(blob)
-            # Rows are 3072 bytes, channel-major (1024 R, 1024 G, 1024 B): NCHW -> NHWC.
-            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        for source, blob in blobs:
+            batch = _unpickle(blob, source)
+            try:
+                # Rows are 3072 bytes, channel-major (1024 R, 1024 G, 1024 B): NCHW -> NHWC.
+                data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                label = np.asarray(batch[self.LABEL_KEY], dtype=np.int64).reshape(-1)
+            except KeyError as e:
+                raise DataSourceError(source, f"CIFAR batch lacks the key {e}") from e
+            except (ValueError, TypeError) as e:
+                raise DataSourceError(source, f"CIFAR batch has malformed data: {e}") from e
             images.append(data.transpose(0, 2, 3, 1))
-            labels.append(np.asarray(batch[self.LABEL_KEY], dtype=np.int64))
+            labels.append(label)
         return np.concatenate(images), np.concatenate(labels)
 
     def _split_generators(self, dl_manager):
         members = self._read_members(dl_manager)
         train = self._decode([members[m] for m in self.TRAIN_MEMBERS])
         test = self._decode([members[m] for m in self.TEST_MEMBERS])
-        names = _unpickle(members[self.META_MEMBER]).get(self.NAMES_KEY)
+        meta_source, meta_blob = members[self.META_MEMBER]
+        names = _unpickle(meta_blob, meta_source).get(self.NAMES_KEY)
         if names is not None:
             if len(names) != self.NUM_CLASSES:
                 raise ValueError(f"{self.name}: meta lists {len(names)} class names")

@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +57,16 @@ class Dataset:
     @property
     def num_test(self) -> int:
         return len(self.test_labels)
+
+    @functools.cached_property
+    def train_fingerprint(self) -> str:
+        """sha256 of the training split's content (shapes, dtypes, images and labels): what a
+        trained model depends on. Computed once (the arrays are read-only)."""
+        h = hashlib.sha256()
+        for a in (self.train_images, self.train_labels):
+            h.update(f"{a.dtype}{a.shape};".encode())
+            h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+        return h.hexdigest()
 
 
 def default_data_dir() -> str:

@@ -1,9 +1,10 @@
-"""From uint8 images to model inputs, on device, and epoch index plans on the host.
+"""From images to model inputs, on device, and epoch index plans on the host.
 
-Images stay uint8 on device; preprocessing (scale, normalise, resize, augment) runs inside the
-jitted epoch so the host only ships index arrays. Every batch has the full batch size: the short
-last batch of an epoch is padded and carries a 0/1 `mask`, which the losses and BatchNorm honour,
-so the computation equals PyTorch's on the short batch while shapes (and compiles) stay fixed.
+Images stay uint8 (or the caller's floats) on device; preprocessing (scale, normalise, resize,
+augment) runs inside the jitted epoch so the host only ships index arrays. Every batch has the
+full batch size: the short last batch of an epoch is padded and carries a 0/1 `mask`, which the
+losses and BatchNorm honour, so the computation equals PyTorch's on the short batch while shapes
+(and compiles) stay fixed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """How uint8 `[H, W, C]` images become model inputs.
+    """How `[H, W, C]` images become model inputs (see `preprocess` for the dtypes).
 
     mean/std: per-channel normalisation after scaling to [0, 1] (MNIST-like: none, as the
       reference's `ToTensor()`; CIFAR: ImageNet statistics).
@@ -95,11 +96,25 @@ def _augment_one(key: jax.Array, image: jax.Array) -> jax.Array:
 def preprocess(
     images: jax.Array, spec: InputSpec, *, augment_keys: jax.Array | None = None
 ) -> jax.Array:
-    """uint8 `[b, H, W, C]` -> float `[b, H', W', C]`; `augment_keys` (`[b]` keys) enables
-    augmentation (only when `spec.augment`). The float type is JAX's default: float32, or
-    float64 when x64 is enabled (the float64 equivalence tests)."""
+    """Images `[b, H, W, C]` -> float `[b, H', W', C]`; `augment_keys` (`[b]` keys) enables
+    augmentation (only when `spec.augment`).
+
+    uint8 images are pixel values and are scaled by 1/255, as `ToTensor()` does; floating
+    images are taken as already scaled (what `ToTensor()` returns) and are not divided again.
+    Either way `spec`'s augmentation, resize and mean/std come next. Other dtypes are refused:
+    whether an int32 image holds 0..255 or 0..1 cannot be told. The float type is JAX's
+    default: float32, or float64 when x64 is enabled (the float64 equivalence tests).
+    """
     dtype = jnp.result_type(float)
-    x = images.astype(dtype) / 255.0
+    if images.dtype == jnp.uint8:
+        x = images.astype(dtype) / 255.0
+    elif jnp.issubdtype(images.dtype, jnp.floating):
+        x = images.astype(dtype)
+    else:
+        raise TypeError(
+            f"images of dtype {images.dtype}: expected uint8 (pixel values 0..255, scaled by "
+            "1/255) or a floating dtype (already scaled, used as it is)"
+        )
     if spec.augment and augment_keys is not None:
         x = jax.vmap(_augment_one)(augment_keys, x)
     if spec.resize:

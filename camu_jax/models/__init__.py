@@ -1,4 +1,15 @@
-"""Flax models. Every model maps `[batch, H, W, C]` to `(logits, embedding)`."""
+"""Flax models and the contract every model, library or user-written, follows.
+
+A model is a linen module with
+  * `__call__(x, *, train, mask) -> (logits, embedding)`: `x` `[batch, H, W, C]` float32,
+    `train` (BatchNorm batch statistics vs running averages), `mask` `[batch]` 0/1 or None (the
+    padded rows of a short last batch, which BatchNorm must ignore; a model without BatchNorm
+    may ignore it too), `logits` `[batch, classes]` and `embedding` `[batch, ...]` (what
+    L_rep compares with the frozen original's);
+  * `head_modules`: the names of the top-level parameter collections after the embedding (the
+    classifier head), which CaMU's step A leaves alone.
+`camu_jax.steps.check_model` checks the first part and says what is missing.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +23,27 @@ MODELS = ("cnn", "resnet18", "resnet18_cifar")
 
 
 def head_modules(model: nn.Module) -> tuple[str, ...]:
-    """Top-level parameter collections after the embedding (the classifier head).
+    """The model's `head_modules`: top-level parameter collections after the embedding.
 
     L_rep depends on the embedding only, so these get no gradient from it; PyTorch's optimizer
-    then skips them in step A (`grad is None`: no Adam update, no weight decay).
+    then skips them in step A (`grad is None`: no Adam update, no weight decay). A model
+    without the attribute is refused rather than given `()`: step A would then decay its head,
+    which the reference never does.
     """
-    if isinstance(model, CNN):
-        return ("fc2", "fc3")
-    if isinstance(model, ResNet18):
-        return ("fc",)
-    return tuple(getattr(model, "head_modules", ()))
+    heads = getattr(model, "head_modules", None)
+    if heads is None:
+        raise TypeError(
+            f"{type(model).__name__} has no `head_modules` attribute: CaMU's step A must know "
+            "which top-level parameter collections follow the embedding (the classifier head) "
+            "to leave them alone, as the reference does. Declare it on the class, e.g. "
+            "`head_modules = ('fc',)`, or `()` if no parameters follow the embedding."
+        )
+    if isinstance(heads, str) or not all(isinstance(h, str) for h in heads):
+        raise TypeError(
+            f"{type(model).__name__}.head_modules must be a tuple of parameter collection "
+            f"names, got {heads!r}"
+        )
+    return tuple(heads)
 
 
 def create_model(name: str, *, num_classes: int) -> nn.Module:

@@ -19,6 +19,7 @@ class CNN(nn.Module):
     """
 
     num_classes: int = 10
+    head_modules = ("fc2", "fc3")  # After the embedding (fc1); step A leaves them alone.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None):

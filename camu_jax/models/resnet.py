@@ -54,6 +54,7 @@ class ResNet18(nn.Module):
 
     num_classes: int = 10
     stem: Literal["imagenet", "cifar"] = "imagenet"
+    head_modules = ("fc",)  # After the embedding; step A leaves it alone.
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, mask: jax.Array | None = None):

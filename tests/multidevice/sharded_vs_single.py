@@ -49,6 +49,8 @@ class TinyBN(nn.Module):
     reduced across devices exactly like on one device. (ResNet18 takes minutes to compile on
     8 fake devices; the layers are the same.)"""
 
+    head_modules = ("Dense_1",)  # The logits layer, after the embedding.
+
     @nn.compact
     def __call__(self, x, *, train=False, mask=None):
         x = nn.Conv(8, (3, 3))(x)

@@ -1,0 +1,106 @@
+"""Non-finite states stop a run, naming the phase, before anything of it is saved."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from camu_jax import checkpointing, sharding
+from camu_jax.data import ForgetSpec, input_spec_for, load_dataset, make_splits
+from camu_jax.evaluation import predict_logits
+from camu_jax.models import create_model
+from camu_jax.steps import init_variables
+from camu_jax.training import train_model
+from camu_jax.unlearning import CamuConfig, unlearn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_dataset("digits", progress=False)
+    mesh = sharding.make_mesh()
+    model = create_model("cnn", num_classes=data.num_classes)
+    spec = input_spec_for("digits", "cnn")
+    images = sharding.replicate(data.train_images, mesh)
+    variables = init_variables(model, jax.random.key(0), spec.input_shape(data.image_shape))
+    return data, mesh, model, spec, images, variables
+
+
+def test_parameters_made_non_finite_by_the_last_step_are_not_saved(digits, tmp_path):
+    # One step with an infinite learning rate: the step's loss (computed before the update) is
+    # finite, the parameters it leaves are not.
+    data, mesh, model, spec, images, variables = digits
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite parameters at original seed 0 epoch 1"
+    ):
+        train_model(
+            model,
+            variables,
+            images=images,
+            labels=sharding.replicate(data.train_labels, mesh),
+            items=np.arange(32),
+            spec=spec,
+            mesh=mesh,
+            epochs=1,
+            seed=0,
+            learning_rate=float("inf"),
+            checkpoint_dir=tmp_path / "ckpt",
+            progress=False,
+            desc="original seed 0",
+        )
+    assert checkpointing.latest_step(tmp_path / "ckpt") is None
+
+
+def test_unlearn_refuses_non_finite_parameters_after_its_last_step(digits):
+    data, mesh, model, spec, images, variables = digits
+    # 29 forgetting items: a single double step, whose losses are computed before its update.
+    splits = make_splits(
+        data.train_labels, ForgetSpec(kind="random", fraction=0.02), seed=0, num_classes=10
+    )
+    with pytest.raises(FloatingPointError, match=r"non-finite parameters at camu epoch 1: "):
+        unlearn(
+            model,
+            variables,
+            images=images,
+            labels=sharding.replicate(data.train_labels, mesh),
+            splits=splits,
+            num_classes=10,
+            spec=spec,
+            mesh=mesh,
+            config=CamuConfig(epochs=1, impair_lr=float("inf")),
+            seed=0,
+            progress=False,
+        )
+
+
+def test_predict_logits_refuses_non_finite_logits(digits):
+    data, mesh, model, spec, images, variables = digits
+    # Finite weights of 1e30 overflow float32 (max ~3.4e38) two layers in.
+    huge = jax.tree.map(lambda x: np.full_like(x, 1e30), variables)
+    with pytest.raises(FloatingPointError, match=r"the camu model gives non-finite logits on"):
+        predict_logits(model, huge, images, spec=spec, mesh=mesh, name="the camu model")
+    logits = predict_logits(model, variables, images, spec=spec, mesh=mesh)
+    assert np.isfinite(logits).all()
+
+
+def test_cli_stops_on_huge_weights_before_saving_camu(tmp_path):
+    # 29 forgetting items: one CaMU step, whose loss is finite; its update with impair lr 1e30
+    # leaves finite weights near 1e30, whose logits overflow.
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "results.json").write_text("earlier results")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.unlearn", "--no-progress", "--workdir", str(workdir),
+         "--original-epochs", "1", "--no-relearn", "--impair-lr", "1e30", "--camu-epochs", "1",
+         "--scenario", "random", "--forget-fraction", "0.02"],
+        capture_output=True, text=True, cwd=ROOT, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the camu model of random-all-seed0 gives non-finite logits")
+    assert not (workdir / "checkpoints" / "camu").exists()
+    assert (workdir / "results.json").read_text() == "earlier results"
