@@ -58,6 +58,8 @@ def test_parameters_made_non_finite_by_the_last_step_are_not_saved(digits, tmp_p
 def test_unlearn_refuses_non_finite_parameters_after_its_last_step(digits):
     data, mesh, model, spec, images, variables = digits
     # 29 forgetting items: a single double step, whose losses are computed before its update.
+    # 1e39 is a finite Python float (it passes CamuConfig.validate) but overflows float32 to
+    # inf inside the step, so the update itself makes the parameters non-finite.
     splits = make_splits(
         data.train_labels, ForgetSpec(kind="random", fraction=0.02), seed=0, num_classes=10
     )
@@ -71,7 +73,7 @@ def test_unlearn_refuses_non_finite_parameters_after_its_last_step(digits):
             num_classes=10,
             spec=spec,
             mesh=mesh,
-            config=CamuConfig(epochs=1, impair_lr=float("inf")),
+            config=CamuConfig(epochs=1, impair_lr=1e39),
             seed=0,
             progress=False,
         )
