@@ -208,7 +208,7 @@ def check_finite(metrics: dict, names: Sequence[str], where: str, state=None) ->
         if state_finite.size and not state_finite[:, m].all():
             leaf = "" if state is None else _first_nonfinite(state, m)
             raise FloatingPointError(
-                f"non-finite parameters at {where} ({name}){leaf}; stopping before anything of "
+                f"non-finite parameters at {where}: {name}{leaf}; stopping before anything of "
                 "this epoch is saved (lower the learning rate or check the inputs)"
             )
 

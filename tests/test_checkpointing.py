@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from camu_jax import checkpointing, sharding
-from camu_jax.data.pipeline import InputSpec
+from camu_jax.data.pipeline import DeviceData, InputSpec
 from camu_jax.models import create_model
 from camu_jax.steps import adam_l2, init_train_state, init_variables
-from camu_jax.training import train_model
+from camu_jax.training import TrainConfig, train_model
 
 N = 96
 
@@ -16,25 +16,20 @@ N = 96
 @pytest.fixture(scope="module")
 def problem():
     rng = np.random.default_rng(0)
-    mesh = sharding.make_mesh()
     images = rng.integers(0, 256, (N, 8, 8, 1)).astype(np.uint8)
     labels = rng.integers(0, 10, N).astype(np.int32)
-    return mesh, *sharding.replicate((images, labels), mesh)
+    return DeviceData.put(images, labels, spec=InputSpec(), mesh=sharding.make_mesh())
 
 
 def _train(problem, epochs, ckpt=None, meta=None, model="cnn"):
-    mesh, images, labels = problem
     m = create_model(model, num_classes=10)
     v = init_variables(m, jax.random.key(0), (8, 8, 1))
     return train_model(
         m,
         v,
-        images=images,
-        labels=labels,
+        data=problem,
         items=np.arange(N),
-        spec=InputSpec(),
-        mesh=mesh,
-        epochs=epochs,
+        config=TrainConfig(epochs=epochs),
         seed=0,
         checkpoint_dir=ckpt,
         meta=meta or {"model": model},
@@ -72,7 +67,7 @@ def test_mismatched_model_is_rejected(problem, tmp_path):
 
 
 def test_mismatched_structure_is_rejected(problem, tmp_path):
-    mesh = problem[0]
+    mesh = problem.mesh
     cnn = create_model("cnn", num_classes=10)
     state = init_train_state(init_variables(cnn, jax.random.key(0), (8, 8, 1)), adam_l2(1e-3))
     checkpointing.save(tmp_path / "ck", 1, state, {"model": "x"})

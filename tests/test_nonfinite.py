@@ -10,10 +10,11 @@ import pytest
 
 from camu_jax import checkpointing, sharding
 from camu_jax.data import ForgetSpec, input_spec_for, load_dataset, make_splits
+from camu_jax.data.pipeline import DeviceData
 from camu_jax.evaluation import predict_logits
 from camu_jax.models import create_model
 from camu_jax.steps import init_variables
-from camu_jax.training import train_model
+from camu_jax.training import TrainConfig, train_model
 from camu_jax.unlearning import CamuConfig, unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,14 +26,15 @@ def digits():
     mesh = sharding.make_mesh()
     model = create_model("cnn", num_classes=data.num_classes)
     spec = input_spec_for("digits", "cnn")
-    images = sharding.replicate(data.train_images, mesh)
+    images = DeviceData.put(data.train_images, data.train_labels, spec=spec, mesh=mesh)
     variables = init_variables(model, jax.random.key(0), spec.input_shape(data.image_shape))
     return data, mesh, model, spec, images, variables
 
 
 def test_parameters_made_non_finite_by_the_last_step_are_not_saved(digits, tmp_path):
-    # One step with an infinite learning rate: the step's loss (computed before the update) is
-    # finite, the parameters it leaves are not.
+    # One step with a learning rate that overflows float32 (1e39 is a finite Python float, so
+    # it passes TrainConfig.validate): the step's loss (computed before the update) is finite,
+    # the parameters it leaves are not.
     data, mesh, model, spec, images, variables = digits
     with pytest.raises(
         FloatingPointError, match=r"non-finite parameters at original seed 0 epoch 1"
@@ -40,14 +42,10 @@ def test_parameters_made_non_finite_by_the_last_step_are_not_saved(digits, tmp_p
         train_model(
             model,
             variables,
-            images=images,
-            labels=sharding.replicate(data.train_labels, mesh),
+            data=images,
             items=np.arange(32),
-            spec=spec,
-            mesh=mesh,
-            epochs=1,
+            config=TrainConfig(epochs=1, learning_rate=1e39),
             seed=0,
-            learning_rate=float("inf"),
             checkpoint_dir=tmp_path / "ckpt",
             progress=False,
             desc="original seed 0",
@@ -67,12 +65,9 @@ def test_unlearn_refuses_non_finite_parameters_after_its_last_step(digits):
         unlearn(
             model,
             variables,
-            images=images,
-            labels=sharding.replicate(data.train_labels, mesh),
+            data=images,
             splits=splits,
             num_classes=10,
-            spec=spec,
-            mesh=mesh,
             config=CamuConfig(epochs=1, impair_lr=1e39),
             seed=0,
             progress=False,
@@ -84,8 +79,8 @@ def test_predict_logits_refuses_non_finite_logits(digits):
     # Finite weights of 1e30 overflow float32 (max ~3.4e38) two layers in.
     huge = jax.tree.map(lambda x: np.full_like(x, 1e30), variables)
     with pytest.raises(FloatingPointError, match=r"the camu model gives non-finite logits on"):
-        predict_logits(model, huge, images, spec=spec, mesh=mesh, name="the camu model")
-    logits = predict_logits(model, variables, images, spec=spec, mesh=mesh)
+        predict_logits(model, huge, images, name="the camu model")
+    logits = predict_logits(model, variables, images)
     assert np.isfinite(logits).all()
 
 

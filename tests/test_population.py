@@ -110,7 +110,9 @@ def test_padding_steps_leave_a_member_bit_identical(data):
         np.testing.assert_array_equal(x, y)
     changed = [
         not np.array_equal(x, y)
-        for x, y in zip(jax.tree.leaves(before[0].params), jax.tree.leaves(after[0].params))
+        for x, y in zip(
+            jax.tree.leaves(before[0].params), jax.tree.leaves(after[0].params), strict=True
+        )
     ]
     assert all(changed)
     active = np.asarray(sharding.fetch(metrics["active"]))

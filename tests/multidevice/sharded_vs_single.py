@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from camu_jax import sharding  # noqa: E402
-from camu_jax.data.pipeline import InputSpec  # noqa: E402
+from camu_jax.data.pipeline import DeviceData, InputSpec  # noqa: E402
 from camu_jax.data.splits import ForgetSpec, make_splits  # noqa: E402
 from camu_jax.models import BatchNorm, create_model  # noqa: E402
 from camu_jax.steps import (  # noqa: E402
@@ -31,7 +31,7 @@ from camu_jax.steps import (  # noqa: E402
     init_camu_state,
     init_variables,
 )
-from camu_jax.training import train_model  # noqa: E402
+from camu_jax.training import TrainConfig, train_model  # noqa: E402
 from camu_jax.unlearning import CamuConfig, unlearn  # noqa: E402
 
 
@@ -110,17 +110,14 @@ def main():
     splits = make_splits(labels, ForgetSpec(kind="class", classes=(3,)), seed=0, num_classes=10)
     finals = []
     for mesh in (single, multi):
-        imgs, labs = sharding.replicate((images, labels), mesh)
+        data = DeviceData.put(images, labels, spec=InputSpec(), mesh=mesh)
         v0 = f64(init_variables(cnn, jax.random.key(1), (8, 8, 1)))
         trained, _ = train_model(
             cnn,
             v0,
-            images=imgs,
-            labels=labs,
+            data=data,
             items=np.arange(n),
-            spec=InputSpec(),
-            mesh=mesh,
-            epochs=1,
+            config=TrainConfig(epochs=1),
             seed=0,
             chunk_steps=1,
             progress=False,
@@ -128,12 +125,9 @@ def main():
         un, _ = unlearn(
             cnn,
             trained,
-            images=imgs,
-            labels=labs,
+            data=data,
             splits=splits,
             num_classes=10,
-            spec=InputSpec(),
-            mesh=mesh,
             config=CamuConfig(epochs=1),
             seed=0,
             chunk_steps=1,
