@@ -15,6 +15,7 @@ because XLA:CPU runs convolutions inside a `while` loop ~10x slower.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from camu_jax import sharding
+from camu_jax.models import layers
 
 PyTree = Any
 Plan = dict[str, np.ndarray]  # name -> [members, steps, batch] (host)
@@ -50,6 +52,21 @@ def all_finite(tree: PyTree) -> jax.Array:
     """True when every floating leaf of `tree` is finite (a scalar, for one member)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def member_program(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn(stacked, *args)` traced with CPU-friendly convolutions when it runs more than one
+    member per CPU device (`layers.patch_matmul_convolutions`); decided at trace time from the
+    member count of `stacked`'s leading axis."""
+
+    @functools.wraps(fn)
+    def wrapped(stacked, *args):
+        members = jax.tree.leaves(stacked)[0].shape[0]
+        per_device = members // sharding.member_devices(mesh)
+        with layers.patch_matmul_convolutions(jax.default_backend() == "cpu" and per_device > 1):
+            return fn(stacked, *args)
+
+    return wrapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +117,22 @@ class Engine:
         # member axis for the vmapped dimension.
         vstep = jax.vmap(one, in_axes=(0, None, 0, 0), spmd_axis_name=sharding.MEMBER_AXIS)
 
-        def scan(state, shared, member, plan):
-            return jax.lax.scan(lambda s, row: vstep(s, shared, member, row), state, plan)
+        # The state always leaves a program sharded over members, so that every call (the
+        # first, from `init`, and the next, from a step) sees one input sharding: one compile.
+        def pin(state):
+            return sharding.constrain_members(state, mesh)
 
-        self._one = jax.jit(vstep, donate_argnums=0)
-        self._scan = jax.jit(scan, donate_argnums=0)
-        self._init = jax.jit(jax.vmap(program.init))
+        def loop(state, shared, member, row):
+            state, metrics = vstep(state, shared, member, row)
+            return pin(state), metrics
+
+        def scan(state, shared, member, plan):
+            state, metrics = jax.lax.scan(lambda s, r: vstep(s, shared, member, r), state, plan)
+            return pin(state), metrics
+
+        self._one = jax.jit(member_program(loop, mesh), donate_argnums=0)
+        self._scan = jax.jit(member_program(scan, mesh), donate_argnums=0)
+        self._init = jax.jit(lambda v: pin(jax.vmap(program.init)(v)))
 
     def compiled_count(self) -> int:
         """How many programs the engine's jitted functions hold (1 each when shapes are

@@ -29,10 +29,10 @@ IMAGES_PER_CALL = 32768
 
 
 @functools.lru_cache(maxsize=32)
-def _forward(model: nn.Module, spec: InputSpec, embedding: bool, augment: bool):
+def _forward(model: nn.Module, spec: InputSpec, mesh, embedding: bool, augment: bool):
     def one(variables, images, rows, ids, aug_key, noise_key, noise_scale):
         keys = item_keys(jax.random.wrap_key_data(aug_key), ids) if augment else None
-        x = preprocess(images[rows[ids]], spec, augment_keys=keys)
+        x = preprocess(images[rows], spec, augment_keys=keys)
         noisy = counterfactual_inputs(
             jax.random.wrap_key_data(noise_key), item_ids=ids, sample_inputs=x
         )
@@ -45,7 +45,7 @@ def _forward(model: nn.Module, spec: InputSpec, embedding: bool, augment: bool):
     vmapped = jax.vmap(
         one, in_axes=(0, None, 0, 0, 0, 0, None), spmd_axis_name=sharding.MEMBER_AXIS
     )
-    return jax.jit(vmapped)
+    return jax.jit(engine.member_program(vmapped, mesh))
 
 
 def _zero_keys(members: int) -> np.ndarray:
@@ -92,23 +92,33 @@ def predict(
     width = -(-max(n, width or 1, 1) // bs) * bs
     table = np.zeros((members, width), np.int32)
     table[:, :n] = rows
-    run = _forward(model, data.spec, embedding, aug_keys is not None)
+    run = _forward(model, data.spec, mesh, embedding, aug_keys is not None)
     zero = _zero_keys(members)
     keys = sharding.shard_members(
         {
             "aug": zero if aug_keys is None else np.asarray(aug_keys),
             "noise": zero if noise_keys is None else np.asarray(noise_keys),
-            "rows": table,
         },
         mesh,
     )
     scale = jnp.float32(0.0 if noise_keys is None else 1.0)
     outs = []
     for lo in range(0, width, bs):
+        # Rows travel per call (not as a table of every row): one shape whatever `n` is.
         ids = np.broadcast_to(np.arange(lo, lo + bs, dtype=np.int32), (members, bs))
-        ids = sharding.shard_members(ids, mesh, batch=True)
+        chunk = sharding.shard_members(
+            {"rows": table[:, lo : lo + bs], "ids": ids}, mesh, batch=True
+        )
         outs.append(
-            run(variables, data.images, keys["rows"], ids, keys["aug"], keys["noise"], scale)
+            run(
+                variables,
+                data.images,
+                chunk["rows"],
+                chunk["ids"],
+                keys["aug"],
+                keys["noise"],
+                scale,
+            )
         )
     if not fetch:
         return jnp.concatenate(outs, axis=1)
@@ -283,13 +293,15 @@ def evaluate(
     """
     count = len(variables)
     size = engine.wave_size(population_size, count, train.mesh)
+    both = train.joined(test)
     jobs = []
     for lo in range(0, count, size):
         wave = list(variables[lo : lo + size])
         wave += [wave[0]] * (size - len(wave))
         stacked = sharding.shard_members(_stack(wave), train.mesh)
-        tr = predict(model, stacked, train)
-        te = predict(model, stacked, test)
+        # One pass over train and test images together: one program, not one per split.
+        out = predict(model, stacked, both)
+        tr, te = out[:, : train.size], out[:, train.size :]
         for j in range(min(size, count - lo)):
             i = lo + j
             name = names[i] if names else f"model {i}"

@@ -147,6 +147,12 @@ def fetch(tree: Any) -> Any:
     return jax.tree.map(get, tree)
 
 
+def constrain_members(tree: Any, mesh: Mesh) -> Any:
+    """Inside jit: mark the leading (member) axis of each leaf as sharded over `member`."""
+    spec = NamedSharding(mesh, P(MEMBER_AXIS))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
+
+
 def constrain_batch(tree: Any, mesh: Mesh) -> Any:
     """Inside jit: mark the leading axis of each leaf as sharded over `data`."""
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh)), tree)

@@ -58,6 +58,21 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise ValueError(f"{flag} {path} is not writable ({existing}: {e.strerror or e})") from None
 
 
+def use_cpu_cores() -> None:
+    """One XLA CPU device per usable core, so that a population's members run in parallel on
+    the host's cores when JAX runs on the CPU (XLA:CPU runs one member's small steps on about
+    one core); ignored on accelerators. Must run before JAX starts its backends (XLA reads
+    the flag then); a device count the user already set in XLA_FLAGS is kept."""
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags or xla_bridge.backends_are_initialized():
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and cores > 1:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cores}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     from experiments.cli import config_from_args
 
@@ -70,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if config.population_size != 1:
+        use_cpu_cores()
     import jax
 
     if args.xla_cache:

@@ -75,6 +75,21 @@ class DeviceData:
         dev_images, dev_labels = sharding.replicate((np.asarray(images), host_labels), mesh)
         return cls(dev_images, dev_labels, host_labels, spec, mesh)
 
+    def joined(self, other: DeviceData) -> DeviceData:
+        """This split's rows, then `other`'s (same spec and mesh), in one device array."""
+        from camu_jax import sharding
+
+        join = jax.jit(
+            lambda a, b: jnp.concatenate([a, b]), out_shardings=sharding.replicated(self.mesh)
+        )
+        return DeviceData(
+            join(self.images, other.images),
+            join(self.labels, other.labels),
+            np.concatenate([self.host_labels, other.host_labels]),
+            self.spec,
+            self.mesh,
+        )
+
     @property
     def size(self) -> int:
         return int(self.images.shape[0])
