@@ -97,8 +97,9 @@ class Engine:
     def __init__(self, program: Program, mesh: Mesh, *, use_scan: bool | None = None):
         self.mesh = mesh
         self.use_scan = default_use_scan() if use_scan is None else use_scan
-        # Fake CPU devices can deadlock in an all-reduce unless every step is waited for.
-        self.sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
+        # Fake CPU devices can deadlock in an all-reduce unless every step is waited for; a
+        # mesh without a data axis has no all-reduce.
+        self.sync = jax.default_backend() == "cpu" and sharding.data_devices(mesh) > 1
 
         def one(state, shared, member, row):
             batch = program.make_batch(state, shared, member, row)
@@ -122,7 +123,13 @@ class Engine:
         def pin(state):
             return sharding.constrain_members(state, mesh)
 
-        def loop(state, shared, member, row):
+        def loop(state, shared, member, plan, j):
+            # The chunk's plan is on device once; step j takes its row there (no transfer per
+            # step).
+            row = {
+                k: jax.lax.dynamic_index_in_dim(v, j, axis=1, keepdims=False)
+                for k, v in plan.items()
+            }
             state, metrics = vstep(state, shared, member, row)
             return pin(state), metrics
 
@@ -151,14 +158,12 @@ class Engine:
             )
             return state, sharding.fetch(metrics)
         steps = next(iter(plan.values())).shape[1]
+        on_device = sharding.shard_members(plan, self.mesh, batch=True, batch_axis=2)
         out = []
         for j in range(steps):
-            row = {k: v[:, j] for k, v in plan.items()}
-            if not any(np.any(v) for k, v in row.items() if "mask" in k):
+            if not any(np.any(v[:, j]) for k, v in plan.items() if "mask" in k):
                 continue  # no member has a real example in this row
-            state, metrics = self._one(
-                state, shared, member, sharding.shard_members(row, self.mesh, batch=True)
-            )
+            state, metrics = self._one(state, shared, member, on_device, np.int32(j))
             if self.sync:
                 jax.block_until_ready(state)
             out.append(metrics)

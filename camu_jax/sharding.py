@@ -116,18 +116,24 @@ def shard_batch(batch: Any, mesh: Mesh, axis: int = 0) -> Any:
     return jax.tree.map(put, batch)
 
 
-def shard_members(tree: Any, mesh: Mesh, *, axis: int = 0, batch: bool = False) -> Any:
+def shard_members(
+    tree: Any, mesh: Mesh, *, axis: int = 0, batch: bool = False, batch_axis: int | None = None
+) -> Any:
     """Host arrays with a member axis at `axis` (identical on every process) -> global arrays
-    sharded over `member` there (and over `data` on the next axis when `batch`); each process
-    builds only the shards it holds."""
-    spec = P(*([None] * axis), MEMBER_AXIS, *((DATA_AXIS,) if batch else ()))
-    sharding = NamedSharding(mesh, spec)
+    sharded over `member` there (and over `data` on `batch_axis`, default the next axis, when
+    `batch`); each process builds only the shards it holds."""
+    batch_axis = axis + 1 if batch_axis is None else batch_axis
+    spec = [None] * (max(axis, batch_axis if batch else axis) + 1)
+    spec[axis] = MEMBER_AXIS
+    if batch:
+        spec[batch_axis] = DATA_AXIS
+    sharding = NamedSharding(mesh, P(*spec))
 
     def put(x):
         x = np.asarray(x)
         check_members(x.shape[axis], mesh)
         if batch:
-            check_batch_size(x.shape[axis + 1], mesh)
+            check_batch_size(x.shape[batch_axis], mesh)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     return jax.tree.map(put, tree)
