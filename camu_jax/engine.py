@@ -97,9 +97,9 @@ class Engine:
     def __init__(self, program: Program, mesh: Mesh, *, use_scan: bool | None = None):
         self.mesh = mesh
         self.use_scan = default_use_scan() if use_scan is None else use_scan
-        # Fake CPU devices can deadlock in an all-reduce unless every step is waited for; a
-        # mesh without a data axis has no all-reduce.
-        self.sync = jax.default_backend() == "cpu" and sharding.data_devices(mesh) > 1
+        # On jax 0.10.2, fake CPU devices can deadlock in a collective (XLA may insert one
+        # even without a data axis) unless every step is waited for.
+        self.sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
 
         def one(state, shared, member, row):
             batch = program.make_batch(state, shared, member, row)
@@ -147,8 +147,11 @@ class Engine:
         return sum(f._cache_size() for f in (self._one, self._scan, self._init))
 
     def init(self, variables: PyTree) -> PyTree:
-        """The stacked state of stacked host `variables`, sharded over the members."""
-        return self._init(sharding.shard_members(variables, self.mesh))
+        """The stacked state of stacked `variables` (host arrays, or a previous stage's state
+        on device), sharded over the members."""
+        if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(variables)):
+            variables = sharding.shard_members(variables, self.mesh)
+        return self._init(variables)
 
     def __call__(self, state, shared, member, plan: Plan):
         if self.use_scan:

@@ -45,7 +45,9 @@ def _forward(model: nn.Module, spec: InputSpec, mesh, embedding: bool, augment: 
     vmapped = jax.vmap(
         one, in_axes=(0, None, 0, 0, 0, 0, None), spmd_axis_name=sharding.MEMBER_AXIS
     )
-    return jax.jit(engine.member_program(vmapped, mesh))
+    # XLA's own convolutions whatever the member count (no `engine.member_program`): a model's
+    # logits then do not depend on how many models share the pass, and neither do its metrics.
+    return jax.jit(vmapped)
 
 
 def _zero_keys(members: int) -> np.ndarray:
@@ -103,12 +105,15 @@ def predict(
     )
     scale = jnp.float32(0.0 if noise_keys is None else 1.0)
     outs = []
+    sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
     for lo in range(0, width, bs):
         # Rows travel per call (not as a table of every row): one shape whatever `n` is.
         ids = np.broadcast_to(np.arange(lo, lo + bs, dtype=np.int32), (members, bs))
         chunk = sharding.shard_members(
             {"rows": table[:, lo : lo + bs], "ids": ids}, mesh, batch=True
         )
+        if sync:  # fake CPU devices can deadlock in a collective unless each call is waited for
+            jax.block_until_ready(outs)
         outs.append(
             run(
                 variables,
