@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from camu_jax.methods.base import MemberContext, Method, Stage, run_population
 from camu_jax.methods.camu import CamuConfig, camu_preset
+from camu_jax.methods.finetune import FineTune, GradientAscent, LossMethod
 
 REGISTRY: dict[str, type[Method]] = {
     "camu": CamuConfig,
+    "ft": FineTune,
+    "ga": GradientAscent,
 }
 
 
@@ -31,6 +34,9 @@ def get(name: str, **overrides) -> Method:
 __all__ = [
     "REGISTRY",
     "CamuConfig",
+    "FineTune",
+    "GradientAscent",
+    "LossMethod",
     "MemberContext",
     "Method",
     "Stage",
