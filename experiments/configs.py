@@ -38,6 +38,9 @@ class ExperimentConfig:
     learning_rate: float = 1e-3  # Adam lr of the original, retrained and relearning models
     weight_decay: float = 1e-4  # their coupled L2 (PyTorch Adam's weight_decay)
     camu: CamuConfig | None = None
+    # Unlearning methods compared with original and retrain: comma separated names of
+    # camu_jax.methods (camu, ft, ga, ...), or all
+    methods: tuple[str, ...] = ("camu",)
     relearn: bool = True  # the relearning check (one epoch on D_r) after unlearning
     relearn_every: int = 100  # batches between two points of the relearning curve
     # Runs trained together as one program (a population); none: every run of a phase at once
@@ -64,6 +67,29 @@ class ExperimentConfig:
         preset_scenario = "class" if self.scenario == "class" else "random"
         preset = camu_preset(self.dataset, preset_scenario)
         return dataclasses.replace(preset, batch_size=self.batch_size)
+
+    def method_names(self) -> tuple[str, ...]:
+        """The unlearning methods of the study, `all` expanded, in registry order."""
+        from camu_jax import methods
+
+        if "all" in self.methods:
+            return methods.names()
+        return tuple(self.methods)
+
+    def method_configs(self) -> dict:
+        """`{name: config}` of every method of the study: CaMU's is `camu_config()`; the others
+        their defaults with the run's batch size (`--batch-size` is every phase's batch)."""
+        import dataclasses as dc
+
+        from camu_jax import methods
+
+        out = {}
+        for name in self.method_names():
+            if name == "camu":
+                out[name] = self.camu_config()
+            else:
+                out[name] = dc.replace(methods.get(name), batch_size=self.batch_size)
+        return out
 
     def forget_specs(self) -> list[tuple[tuple[int, ...] | None, ForgetSpec]]:
         """`(forgotten classes or None, spec)` for every forgetting run of one seed."""
@@ -133,6 +159,17 @@ class ExperimentConfig:
             if getattr(self, name) is not None:
                 check_number(name.replace("_", " "), getattr(self, name), integer=True)
         self.camu_config().validate()
+        from camu_jax import methods
+
+        if not self.methods:
+            raise ValueError("at least one method is needed (--methods camu,ft,... or all)")
+        for name in self.methods:
+            if name != "all" and name not in methods.REGISTRY:
+                raise ValueError(
+                    f"unknown method {name!r}; known methods: {', '.join(methods.names())}, all"
+                )
+        for config in self.method_configs().values():
+            config.validate()
 
 
 def default_model(dataset: str) -> str:

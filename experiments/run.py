@@ -1,9 +1,11 @@
-"""One study: original, retrain and CaMU for every (seed, forget set), evaluated side by side.
+"""One study: original, retrain and every unlearning method (CaMU and the baselines of
+`camu_jax.methods`) for every (seed, forget set), evaluated side by side.
 
 A study runs phase by phase, each phase as populations of runs on the loop engine
-(`camu_jax.engine`): all originals (one per seed), all retrains and all CaMU runs (one per seed
-x forget set), one batched evaluation of every model, all relearning checks. `population_size`
-caps the members of one wave; 1 runs them one at a time (the sequential path).
+(`camu_jax.engine`): all originals (one per seed), all retrains and, per method, all its runs
+(one per seed x forget set), one batched evaluation of every model, all relearning checks.
+`population_size` caps the members of one wave; 1 runs them one at a time (the sequential
+path).
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ from camu_jax.data.loading import Dataset, load_dataset
 from camu_jax.data.pipeline import DeviceData, input_spec_for
 from camu_jax.data.splits import Splits, make_splits
 from camu_jax.evaluation import evaluate
+from camu_jax.methods import run_population
 from camu_jax.models import create_model
 from camu_jax.relearning import RelearnConfig, relearn
 from camu_jax.reporting import atomic_write_bytes, build_reports, remove_stale_temp_files, summarize
 from camu_jax.steps import init_variables
 from camu_jax.training import TrainConfig, train_population
-from camu_jax.unlearning import unlearn_population
 from experiments.configs import ExperimentConfig
 
-METHODS = ("original", "retrain", "camu")
+BASELINES = ("original", "retrain")
 
 
 def _digest(splits: Splits) -> str:
@@ -80,7 +82,11 @@ class Experiment:
         members = 1 if config.population_size == 1 else len(devices)
         self.mesh = sharding.make_mesh(devices, member_devices=members)
         # Every phase's batch is checked here, before any model is trained or file written.
-        for phase, batch in (("", config.batch_size), ("CaMU ", config.camu_config().batch_size)):
+        batches = [("", config.batch_size)] + [
+            (f"{'CaMU' if name == 'camu' else name} ", m.batch_size)
+            for name, m in config.method_configs().items()
+        ]
+        for phase, batch in batches:
             try:
                 sharding.check_batch_size(batch, self.mesh)
             except ValueError as e:
@@ -201,17 +207,17 @@ class Experiment:
             [{"split": d} for d in digests],
         )
 
-    def unlearn(self, runs: list[Run], originals: dict) -> list[tuple[dict, dict]]:
+    def unlearn(self, method, runs: list[Run], originals: dict) -> list[tuple[dict, dict]]:
         c = self.config
-        return unlearn_population(
+        return run_population(
+            method,
             self.model,
             [originals[r.seed][0] for r in runs],
             data=self.train,
             splits=[r.splits for r in runs],
             seeds=[r.seed for r in runs],
             num_classes=self.data.num_classes,
-            config=c.camu_config(),
-            names=[f"camu {r.name}" for r in runs],
+            names=[f"{method.name} {r.name}" for r in runs],
             population_size=c.population_size,
             progress=c.progress,
         )
@@ -260,17 +266,21 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     restored = all(info["epochs_run"] == 0 for _, info in retrains)
     phases.append(_phase("retrain", timer, len(runs), restored=restored))
 
-    timer = engine.Timer()
-    unlearned = exp.unlearn(runs, originals)
-    phases.append(_phase("camu", timer, len(runs)))
+    method_configs = config.method_configs()
+    unlearned = {}
+    for name, method in method_configs.items():
+        timer = engine.Timer()
+        unlearned[name] = exp.unlearn(method, runs, originals)
+        phases.append(_phase(name, timer, len(runs)))
+    methods = (*BASELINES, *method_configs)
 
     timer = engine.Timer()
     models = {
         "original": [originals[r.seed][0] for r in runs],
         "retrain": [v for v, _ in retrains],
-        "camu": [v for v, _ in unlearned],
+        **{name: [v for v, _ in out] for name, out in unlearned.items()},
     }
-    flat = [(m, i) for m in METHODS for i in range(len(runs))]
+    flat = [(m, i) for m in methods for i in range(len(runs))]
     scores = evaluate(
         exp.model,
         [models[m][i] for m, i in flat],
@@ -286,13 +296,15 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     phases.append(_phase("evaluation", timer, len(flat)))
     # Saved once evaluation has shown finite outputs: finite but huge weights (a far too high
     # learning rate) pass every check during unlearning.
-    for run, variables in zip(runs, models["camu"], strict=True):
-        exp.save_unlearned(run, "camu", variables)
+    for name in method_configs:
+        for run, variables in zip(runs, models[name], strict=True):
+            exp.save_unlearned(run, name, variables)
 
     curves = {}
+    relearned = (*method_configs, "retrain")
     if config.relearn:
         timer = engine.Timer()
-        which = [(m, i) for m in ("camu", "retrain") for i in range(len(runs))]
+        which = [(m, i) for m in relearned for i in range(len(runs))]
         out = relearn(
             exp.model,
             [models[m][i] for m, i in which],
@@ -312,17 +324,15 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     seconds = {
         "original": [originals[r.seed][1]["seconds"] for r in runs],
         "retrain": [info["seconds"] for _, info in retrains],
-        "camu": [info["seconds"] for _, info in unlearned],
+        **{name: [info["seconds"] for _, info in out] for name, out in unlearned.items()},
     }
     results_runs = []
     by_key = dict(zip(flat, scores, strict=True))
     for i, run in enumerate(runs):
-        methods = {}
-        for m in METHODS:
-            methods[m] = {**by_key[(m, i)], "seconds": seconds[m][i]}
+        entries = {m: {**by_key[(m, i)], "seconds": seconds[m][i]} for m in methods}
         keys = ("UA", "RA", "TA", "mia_efficacy")
-        for m, r in methods.items():
-            r["avg_gap"] = metrics.avg_gap(r, methods["retrain"], keys=keys)
+        for m, r in entries.items():
+            r["avg_gap"] = metrics.avg_gap(r, entries["retrain"], keys=keys)
             r["rte"] = (
                 None
                 if m == "original"
@@ -330,9 +340,10 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
                     retrain_seconds=seconds["retrain"][i], unlearn_seconds=r["seconds"]
                 )
             )
-        info = unlearned[i][1]
-        methods["camu"]["construct_seconds"] = info["construct_seconds"]
-        methods["camu"]["compile_seconds"] = info["compile_seconds"]
+        for name, out in unlearned.items():
+            info = out[i][1]
+            entries[name]["construct_seconds"] = info["construct_seconds"]
+            entries[name]["compile_seconds"] = info["compile_seconds"]
         entry = {
             "forget_class": (
                 run.classes[0] if run.classes and len(run.classes) == 1 else run.classes
@@ -340,12 +351,12 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
             "seed": run.seed,
             "split_sizes": {**run.splits.sizes(), "test": exp.data.num_test},
             "split_file": f"splits/{run.name}.npz",
-            "methods": methods,
+            "methods": entries,
         }
         if skip := exp.inapplicable(run.splits):
             entry["not_applicable"] = skip
         if curves:
-            entry["relearn"] = {m: curves[(m, i)] for m in ("camu", "retrain")}
+            entry["relearn"] = {m: curves[(m, i)] for m in relearned}
         results_runs.append(entry)
         log(format_table(entry))
 
@@ -353,6 +364,9 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         # The CaMU settings actually used, preset included.
         "config": _clean(
             dataclasses.asdict(dataclasses.replace(config, camu=config.camu_config()))
+        ),
+        "method_configs": _clean(
+            {name: dataclasses.asdict(m) for name, m in method_configs.items()}
         ),
         "dataset": config.dataset,
         "scenario": config.scenario,
@@ -385,7 +399,8 @@ def format_table(run: dict) -> str:
         ("seconds", "time s"),
     ]
     head = f"forget {run['forget_class']} seed {run['seed']}  sizes {run['split_sizes']}"
-    lines = [head, f"{'method':<10}" + "".join(f"{h:>10}" for _, h in cols)]
+    width = max(10, *(len(m) + 1 for m in run["methods"]))
+    lines = [head, f"{'method':<{width}}" + "".join(f"{h:>10}" for _, h in cols)]
     for method, r in run["methods"].items():
         cells = "".join(
             f"{'-':>10}"
@@ -393,5 +408,5 @@ def format_table(run: dict) -> str:
             else f"{r[k]:>10.2f}"
             for k, _ in cols
         )
-        lines.append(f"{method:<10}{cells}")
+        lines.append(f"{method:<{width}}{cells}")
     return "\n".join(lines)
