@@ -13,7 +13,7 @@ REQUIREMENTS = [
 
 setup(
     name="camu-jax",
-    version="0.1.0",
+    version="0.2.0",
     description="Fast, faithful JAX/Flax reimplementation of CaMU (Causal Machine Unlearning).",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",

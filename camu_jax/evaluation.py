@@ -22,7 +22,7 @@ from camu_jax import engine, metrics, sharding
 from camu_jax.counterfactual import counterfactual_inputs
 from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess
 from camu_jax.data.splits import Splits
-from camu_jax.steps import apply_model
+from camu_jax.models import apply_model
 
 # Images per forward call over all members: bounds activation memory while keeping calls few.
 IMAGES_PER_CALL = 32768

@@ -13,9 +13,9 @@ from flax import linen as nn
 from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
 from camu_jax.methods.base import run_population
-from camu_jax.methods.camu import CIFAR_LIKE, MNIST_LIKE, CamuConfig, camu_preset
+from camu_jax.methods.camu import CamuConfig, camu_preset
 
-__all__ = ["CIFAR_LIKE", "MNIST_LIKE", "CamuConfig", "camu_preset", "unlearn", "unlearn_population"]
+__all__ = ["CamuConfig", "camu_preset", "unlearn", "unlearn_population"]
 
 
 def unlearn_population(

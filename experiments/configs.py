@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-from camu_jax.data.splits import ForgetSpec, cifar100_class_spec
+from camu_jax.data import catalog
+from camu_jax.data.splits import ForgetSpec
 from camu_jax.steps import check_number
 from camu_jax.unlearning import CamuConfig, camu_preset
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
-NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+DATASETS = catalog.NAMES
+NUM_CLASSES = {name: d.num_classes for name, d in catalog.CATALOG.items()}
 SCENARIOS = ("class", "random", "proportions", "indices")
 
 
@@ -96,10 +97,9 @@ class ExperimentConfig:
         if self.scenario == "class":
             out = []
             for group in self.forget_classes:
-                if self.dataset == "cifar100" and len(group) == 1:
-                    out.append((group, cifar100_class_spec(group[0])))
-                else:
-                    out.append((group, ForgetSpec(kind="class", classes=group)))
+                # The reference repeats a single CIFAR-100 class (`catalog.class_repeat`).
+                repeat = catalog.info(self.dataset).class_repeat if len(group) == 1 else 1
+                out.append((group, ForgetSpec(kind="class", classes=group, repeat=repeat)))
             return out
         if self.scenario == "random":
             return [(None, ForgetSpec(kind="random", fraction=self.forget_fraction))]
@@ -174,4 +174,4 @@ class ExperimentConfig:
 
 def default_model(dataset: str) -> str:
     """The reference's model for a dataset: the CNN for MNIST-like data, ResNet18 for CIFAR."""
-    return "resnet18" if dataset in ("cifar10", "cifar100") else "cnn"
+    return catalog.CATALOG[dataset].default_model if dataset in catalog.CATALOG else "cnn"

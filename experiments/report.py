@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: error: results file not found: {path}", file=sys.stderr)
         return 2
     # Imported after the path check: matplotlib costs ~1.5 s, which a typo should not wait for.
-    from camu_jax.reporting import build_reports
+    from experiments.reporting import build_reports
 
     try:
         results = json.loads(path.read_text())

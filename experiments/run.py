@@ -26,12 +26,16 @@ from camu_jax.data.pipeline import DeviceData, input_spec_for
 from camu_jax.data.splits import Splits, make_splits
 from camu_jax.evaluation import evaluate
 from camu_jax.methods import run_population
-from camu_jax.models import create_model
+from camu_jax.models import create_model, init_variables
 from camu_jax.relearning import RelearnConfig, relearn
-from camu_jax.reporting import atomic_write_bytes, build_reports, remove_stale_temp_files, summarize
-from camu_jax.steps import init_variables
 from camu_jax.training import TrainConfig, train_population
 from experiments.configs import ExperimentConfig
+from experiments.reporting import (
+    atomic_write_bytes,
+    build_reports,
+    remove_stale_temp_files,
+    summarize,
+)
 
 BASELINES = ("original", "retrain")
 

@@ -13,8 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from camu_jax import checkpointing
-from camu_jax.models import create_model
-from camu_jax.steps import adam_l2, init_train_state, init_variables
+from camu_jax.models import create_model, init_variables
+from camu_jax.steps import adam_l2, init_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

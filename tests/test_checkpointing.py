@@ -6,8 +6,8 @@ import pytest
 
 from camu_jax import checkpointing, sharding
 from camu_jax.data.pipeline import DeviceData, InputSpec
-from camu_jax.models import create_model
-from camu_jax.steps import adam_l2, init_train_state, init_variables
+from camu_jax.models import create_model, init_variables
+from camu_jax.steps import adam_l2, init_train_state
 from camu_jax.training import TrainConfig, train_model
 
 N = 96

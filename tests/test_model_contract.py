@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from camu_jax import steps
+from camu_jax import models, steps
 from camu_jax.data.pipeline import InputSpec, preprocess
 
 SHAPE = (6, 6, 1)
@@ -60,7 +60,7 @@ CONTRACT = (
 def test_logits_only_model_is_refused_naming_the_contract():
     with pytest.raises(TypeError, match=r"LogitsOnly.__call__ takes no keyword argument 'train' "
                        r"or 'mask': " + CONTRACT):  # fmt: skip
-        steps.init_variables(LogitsOnly(), jax.random.key(0), SHAPE)
+        models.init_variables(LogitsOnly(), jax.random.key(0), SHAPE)
     # Initialised by hand, it is refused where the steps run it too (not deep inside Flax).
     variables = {"params": LogitsOnly().init(jax.random.key(0), X)["params"], "batch_stats": {}}
     state = steps.init_train_state(variables, TX)
@@ -73,11 +73,11 @@ def test_model_without_embedding_is_refused():
     with pytest.raises(
         TypeError, match=r"NoEmbedding returned one array of shape \(1, 3\), not \(logits, emb"
     ):
-        steps.init_variables(NoEmbedding(), jax.random.key(0), SHAPE)
+        models.init_variables(NoEmbedding(), jax.random.key(0), SHAPE)
 
 
 def _camu_step(model):
-    variables = steps.init_variables(Good(), jax.random.key(0), SHAPE)
+    variables = models.init_variables(Good(), jax.random.key(0), SHAPE)
     state = steps.init_camu_state(variables, TX, TX)
     batch = {
         "x_f": X, "x_s": X, "y_s": np.zeros(4, np.int32), "y_cf": np.ones(4, np.int32),

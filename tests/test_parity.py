@@ -96,9 +96,10 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from camu_jax import convert, steps  # noqa: E402
+from camu_jax import models, steps  # noqa: E402
 from camu_jax.models import create_model  # noqa: E402
 from experiments.pytorch_reference import camu as torch_camu  # noqa: E402
+from experiments.pytorch_reference import convert  # noqa: E402
 from experiments.pytorch_reference import models as torch_models  # noqa: E402
 from experiments.pytorch_reference import train as torch_train  # noqa: E402
 
@@ -185,7 +186,7 @@ def _original_variables(name: str, shape, dtype=np.float32, seed: int = 0) -> di
     train mode really differ. The same values in either dtype (drawn in float32); call float64
     inside `_precision(np.float64)`."""
     model = create_model(name, num_classes=NUM_CLASSES)
-    shapes = jax.eval_shape(lambda: steps.init_variables(model, jax.random.key(seed), shape))
+    shapes = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(seed), shape))
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -300,7 +301,7 @@ def _jitted_embed(name: str):
 
     @jax.jit
     def embed(variables, x):
-        logits, z, _ = steps.apply_model(
+        logits, z, _ = models.apply_model(
             model, variables["params"], variables["batch_stats"], x, train=False
         )
         return logits, z

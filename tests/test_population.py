@@ -26,8 +26,8 @@ from camu_jax import engine, sharding
 from camu_jax.data.pipeline import DeviceData, InputSpec
 from camu_jax.data.splits import ForgetSpec, make_splits
 from camu_jax.evaluation import evaluate
-from camu_jax.models import create_model
-from camu_jax.steps import adam_l2, init_train_state, init_variables
+from camu_jax.models import create_model, init_variables
+from camu_jax.steps import adam_l2, init_train_state
 from camu_jax.training import TrainConfig, train_population
 from camu_jax.training import _engine as train_engine
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from camu_jax import reporting
+from experiments import reporting
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "results_small.json"
@@ -147,7 +147,7 @@ def _killed_during_write(target: Path) -> Path:
     """Runs atomic_write_bytes in a child killed (SIGKILL) just before its os.replace; returns
     the temp file it left behind."""
     code = (
-        "import os, signal, sys; from camu_jax import reporting; "
+        "import os, signal, sys; from experiments import reporting; "
         "reporting.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
         "reporting.atomic_write_bytes(sys.argv[1], b'half')"
     )

@@ -22,7 +22,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-from camu_jax import steps
+from camu_jax import models, steps
 from camu_jax.models import CNN, BatchNorm, ResNet18, create_model
 from camu_jax.models.resnet import BasicBlock
 
@@ -48,7 +48,7 @@ def _random_variables(model: nn.Module, input_shape, seed: int) -> dict:
     """Variables of `model` with the init's shapes but numpy values (no init compile):
     He-uniform kernels, small biases, BatchNorm scales and running statistics off 0/1."""
     shapes = jax.eval_shape(
-        lambda k: steps.init_variables(model, k, input_shape), jax.random.key(0)
+        lambda k: models.init_variables(model, k, input_shape), jax.random.key(0)
     )
     rng = np.random.default_rng(seed)
 
@@ -160,7 +160,9 @@ def _cnn_train(state, batch):
     return steps.train_step(state, batch, model=CNN_MODEL, tx=CE_TX)
 
 
-_cnn_eval = jit(functools.partial(steps.eval_step, model=CNN_MODEL))
+_cnn_logits = jit(
+    lambda v, x: models.apply_model(CNN_MODEL, v["params"], v["batch_stats"], x, train=False)[0]
+)
 
 
 def state_variables(state) -> dict:
@@ -259,7 +261,7 @@ def test_train_step_structure_metrics_no_retrace(cnn_variables, cnn_train):
         if first_loss is None:
             first_loss = float(metrics["loss"])
             # The loss is the masked cross-entropy of the model before the step.
-            logits = np.asarray(_cnn_eval(state_variables(state), batch)["logits"], np.float64)
+            logits = np.asarray(_cnn_logits(state_variables(state), batch["image"]), np.float64)
             log_p = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
             np.testing.assert_allclose(
                 first_loss, -np.mean(log_p[np.arange(B), batch["label"]]), rtol=1e-5
@@ -536,30 +538,11 @@ def test_batchnorm_eval_uses_running_statistics(bn_case):
     _assert_tree_close(updates["batch_stats"], stats, rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------------------- eval_step
-
-
-def test_eval_step_correct_respects_mask(cnn_variables):
-    evaluate = _cnn_eval
-    rng = np.random.default_rng(12)
-    batch = _train_batch(rng, B, CNN_INPUT)
-    out = evaluate(cnn_variables, batch)
-    assert out["logits"].shape == (B, NUM_CLASSES)
-    assert out["embedding"].shape == (B, 256)
-    pred = np.argmax(np.asarray(out["logits"]), -1)
-    batch["label"] = np.where(np.arange(B) < 6, pred, (pred + 1) % NUM_CLASSES).astype(np.int32)
-    batch["mask"] = np.array([1, 0, 1, 1, 0, 1, 1, 0], np.float32)
-    out = evaluate(cnn_variables, batch)
-    correct = np.asarray(out["correct"])
-    assert correct.dtype == np.float32
-    np.testing.assert_array_equal(correct, [1, 0, 1, 1, 0, 1, 0, 0])
-
-
 def test_apply_model_without_batch_stats_returns_them_unchanged(cnn_variables):
     x = jax.ShapeDtypeStruct((2, *CNN_INPUT), jnp.float32)
     for train in (False, True):
         logits, emb, stats = jax.eval_shape(
-            functools.partial(steps.apply_model, CNN_MODEL, train=train),
+            functools.partial(models.apply_model, CNN_MODEL, train=train),
             cnn_variables["params"],
             {},
             x,

@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
+from camu_jax.data import catalog
+
 _VERSION = tfds.core.Version("1.0.0")
 _MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 _FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -170,7 +172,7 @@ class CamuDigits(_CamuBuilder, skip_registration=True):
     """scikit-learn's bundled 8x8 digits (1797 images, no download), 1437 train / 360 test."""
 
     IMAGE_SHAPE = (8, 8, 1)
-    NUM_CLASSES = 10
+    NUM_CLASSES = catalog.info("digits").num_classes
     CLASS_NAMES = tuple(str(i) for i in range(10))
     NUM_TRAIN = 1437
     HOMEPAGE = "https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset"
@@ -193,7 +195,7 @@ class _IdxBuilder(_CamuBuilder, skip_registration=True):
     """MNIST-style datasets: four gzipped IDX files, verified by decoded-content fingerprint."""
 
     IMAGE_SHAPE = (28, 28, 1)
-    NUM_CLASSES = 10
+    NUM_CLASSES = catalog.info("mnist").num_classes  # and Fashion-MNIST's
     REQUIRED_FILES = _IDX_FILES
     URL: ClassVar[str]
     # Fingerprints of the decoded arrays (images [N,28,28], labels [N]). Content rather than
@@ -409,7 +411,7 @@ class _CifarBuilder(_CamuBuilder, skip_registration=True):
 class CamuCifar10(_CifarBuilder, skip_registration=True):
     """CIFAR-10, 50000 train (data_batch_1..5 in order) / 10000 test."""
 
-    NUM_CLASSES = 10
+    NUM_CLASSES = catalog.info("cifar10").num_classes
     CLASS_NAMES = (
         "airplane", "automobile", "bird", "cat", "deer",
         "dog", "frog", "horse", "ship", "truck",
@@ -432,7 +434,7 @@ class CamuCifar10(_CifarBuilder, skip_registration=True):
 class CamuCifar100(_CifarBuilder, skip_registration=True):
     """CIFAR-100 with the 100 fine labels, 50000 train / 10000 test."""
 
-    NUM_CLASSES = 100
+    NUM_CLASSES = catalog.info("cifar100").num_classes
     # Placeholder: the real fine-label names come from the archive's `meta` at prepare time.
     CLASS_NAMES = tuple(str(i) for i in range(100))
     ARCHIVE = "cifar-100-python.tar.gz"

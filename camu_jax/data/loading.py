@@ -21,9 +21,10 @@ from tensorflow_datasets.core import decode
 from tensorflow_datasets.core.utils import tqdm_utils
 from tensorflow_datasets.proto import tf_example_pb2
 
+from camu_jax.data import catalog
 from camu_jax.data.builders import BUILDERS
 
-SUPPORTED_DATASETS: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
+SUPPORTED_DATASETS: tuple[str, ...] = catalog.NAMES
 DATA_DIR_ENV = "CAMU_DATA_DIR"
 # Records decoded per `__getitems__` call: bounds the transient list of raw records.
 _READ_CHUNK = 8192

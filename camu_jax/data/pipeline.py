@@ -42,7 +42,9 @@ class InputSpec:
 
 def input_spec_for(dataset: str, model: str) -> InputSpec:
     """The reference's transforms for a dataset/model pair."""
-    if dataset in ("cifar10", "cifar100"):
+    from camu_jax.data import catalog
+
+    if catalog.info(dataset).family == "cifar":
         return InputSpec(
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,

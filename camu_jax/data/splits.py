@@ -72,8 +72,13 @@ class Splits:
 
 
 def cifar100_class_spec(forget_class: int) -> ForgetSpec:
-    """The reference's CIFAR-100 class removal: the 500 images of the class, repeated 10x."""
-    return ForgetSpec(kind="class", classes=(forget_class,), repeat=10)
+    """The reference's CIFAR-100 class removal: the 500 images of the class, repeated 10x
+    (`catalog`'s `class_repeat`)."""
+    from camu_jax.data import catalog
+
+    return ForgetSpec(
+        kind="class", classes=(forget_class,), repeat=catalog.info("cifar100").class_repeat
+    )
 
 
 def select_forget(labels: np.ndarray, spec: ForgetSpec, *, seed: int, num_classes: int):

@@ -15,19 +15,11 @@ import functools
 
 from camu_jax import engine
 from camu_jax.counterfactual import make_counterfactuals
+from camu_jax.data import catalog
 from camu_jax.evaluation import predict
 from camu_jax.methods.base import Method, Stage, stream_batch, zip_plan
-from camu_jax.steps import (
-    CamuCoefficients,
-    adam_l2,
-    apply_model,
-    camu_step,
-    check_number,
-    init_camu_state,
-)
-
-MNIST_LIKE = ("digits", "mnist", "fashion_mnist")
-CIFAR_LIKE = ("cifar10", "cifar100")
+from camu_jax.models import apply_model
+from camu_jax.steps import CamuCoefficients, adam_l2, camu_step, check_number, init_camu_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +132,7 @@ _PRESETS = {
 
 def camu_preset(dataset: str, scenario: str) -> CamuConfig:
     """The reference preset for a dataset and scenario (`class` or `random`)."""
-    family = "mnist" if dataset in MNIST_LIKE else "cifar" if dataset in CIFAR_LIKE else None
-    if family is None:
-        raise ValueError(
-            f"no CaMU preset for dataset {dataset!r}; allowed: {MNIST_LIKE + CIFAR_LIKE}"
-        )
+    family = catalog.info(dataset).family
     if scenario not in ("class", "random"):
         raise ValueError(f"unknown scenario {scenario!r}; allowed: class, random")
     return _PRESETS[(family, scenario)]

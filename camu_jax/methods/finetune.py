@@ -21,7 +21,7 @@ from flax import struct
 
 from camu_jax import engine, losses
 from camu_jax.methods.base import Method, Stage, epoch_plan, stream_batch
-from camu_jax.steps import apply_model
+from camu_jax.models import apply_model
 
 PyTree = Any
 

@@ -8,13 +8,15 @@ A model is a linen module with
     L_rep compares with the frozen original's);
   * `head_modules`: the names of the top-level parameter collections after the embedding (the
     classifier head), which CaMU's step A leaves alone.
-`camu_jax.steps.check_model` checks the first part and says what is missing.
+`check_model`, `init_variables` and `apply_model` (`camu_jax.models.calling`) check the first
+part and say what is missing.
 """
 
 from __future__ import annotations
 
 from flax import linen as nn
 
+from camu_jax.models.calling import apply_model, check_model, init_variables
 from camu_jax.models.cnn import CNN
 from camu_jax.models.layers import BatchNorm, max_pool_2x2
 from camu_jax.models.resnet import ResNet18
@@ -58,11 +60,14 @@ def create_model(name: str, *, num_classes: int) -> nn.Module:
 
 
 __all__ = [
+    "BatchNorm",
     "CNN",
     "MODELS",
-    "BatchNorm",
     "ResNet18",
+    "apply_model",
+    "check_model",
     "create_model",
     "head_modules",
+    "init_variables",
     "max_pool_2x2",
 ]
