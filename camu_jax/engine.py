@@ -140,11 +140,13 @@ class Engine:
         self._one = jax.jit(member_program(loop, mesh), donate_argnums=0)
         self._scan = jax.jit(member_program(scan, mesh), donate_argnums=0)
         self._init = jax.jit(lambda v: pin(jax.vmap(program.init)(v)))
+        self._aot: dict = {}  # programs compiled ahead of time (memory_per_member)
 
     def compiled_count(self) -> int:
-        """How many programs the engine's jitted functions hold (1 each when shapes are
-        stable); for compile-once tests."""
-        return sum(f._cache_size() for f in (self._one, self._scan, self._init))
+        """How many programs the engine holds (1 each when shapes are stable); for
+        compile-once tests."""
+        jitted = sum(f._cache_size() for f in (self._one, self._scan, self._init))
+        return jitted + len(self._aot)
 
     def init(self, variables: PyTree) -> PyTree:
         """The stacked state of stacked `variables` (host arrays, or a previous stage's state
@@ -153,20 +155,55 @@ class Engine:
             variables = sharding.shard_members(variables, self.mesh)
         return self._init(variables)
 
-    def __call__(self, state, shared, member, plan: Plan):
+    def _program(self, state, shared, member, plan: Plan):
+        """`(callable, args)` of the program that runs `plan`: the scan over the chunk, or the
+        loop step (with its first row index). A program compiled ahead of time for these
+        shapes (`memory_per_member`) is used instead of a second compile."""
         if self.use_scan:
             rows = {k: np.swapaxes(v, 0, 1) for k, v in plan.items()}  # [k, P, b]
-            state, metrics = self._scan(
-                state, shared, member, sharding.shard_members(rows, self.mesh, axis=1, batch=True)
+            rows = sharding.shard_members(rows, self.mesh, axis=1, batch=True)
+            fn, args = self._scan, (state, shared, member, rows)
+        else:
+            on_device = sharding.shard_members(plan, self.mesh, batch=True, batch_axis=2)
+            fn, args = self._one, (state, shared, member, on_device, np.int32(0))
+        if self._aot:
+            fn = self._aot.get(_signature(fn, args), fn)
+        return fn, args
+
+    def memory_per_member(self, state, shared, member, plan: Plan) -> float:
+        """Device bytes one member of this population needs, from the compiled program's
+        memory analysis (arguments + outputs + temporaries - donated aliases); the program
+        is kept and used by the next call with the same shapes."""
+        fn, args = self._program(state, shared, member, plan)
+        if isinstance(fn, jax.stages.Compiled):
+            compiled = fn
+        else:
+            compiled = fn.lower(*args).compile()
+            self._aot[_signature(fn, args)] = compiled
+        m = compiled.memory_analysis()
+        if m is None:  # a backend without the analysis: count the arguments only
+            total = sum(x.nbytes for x in jax.tree.leaves(args) if hasattr(x, "nbytes"))
+        else:
+            total = (
+                m.argument_size_in_bytes
+                + m.output_size_in_bytes
+                + m.temp_size_in_bytes
+                - m.alias_size_in_bytes
             )
+        return total / jax.tree.leaves(state)[0].shape[0]
+
+    def __call__(self, state, shared, member, plan: Plan):
+        fn, args = self._program(state, shared, member, plan)
+        if self.use_scan:
+            state, metrics = fn(*args)
             return state, sharding.fetch(metrics)
+        _, _, _, on_device, _ = args
         steps = next(iter(plan.values())).shape[1]
-        on_device = sharding.shard_members(plan, self.mesh, batch=True, batch_axis=2)
         out = []
         for j in range(steps):
             if not any(np.any(v[:, j]) for k, v in plan.items() if "mask" in k):
                 continue  # no member has a real example in this row
-            state, metrics = self._one(state, shared, member, on_device, np.int32(j))
+            state, metrics = fn(state, shared, member, on_device, np.int32(j))
             if self.sync:
                 jax.block_until_ready(state)
             out.append(metrics)
@@ -176,6 +213,42 @@ class Engine:
             empty = np.zeros((0, next(iter(plan.values())).shape[0]))
             return state, {"active": empty > 0, "finite": empty > 0, "state_finite": empty > 0}
         return state, {k: np.stack([m[k] for m in out]) for k in out[0]}
+
+
+def _signature(fn, args) -> tuple:
+    leaves, tree = jax.tree.flatten(args)
+    return (
+        id(fn),
+        tree,
+        tuple((np.shape(x), str(x.dtype), getattr(x, "sharding", None)) for x in leaves),
+    )
+
+
+def population_size(
+    requested: int | None,
+    count: int,
+    mesh: Mesh,
+    per_member: Callable[[int], float],
+    *,
+    log=print,
+    what: str = "",
+) -> int:
+    """Members per wave: `requested`, or by default as many of `count` as fit in the devices'
+    free memory, from `per_member(size)` (the bytes one member of a population of `size`
+    needs: `Engine.memory_per_member`); printed."""
+    size = wave_size(requested, count, mesh)
+    if requested is not None or count <= sharding.member_devices(mesh):
+        return size
+    need = per_member(size)
+    free = sharding.free_memory(mesh)
+    fit = int(0.8 * free * sharding.member_devices(mesh) // max(need, 1.0))
+    chosen = max(sharding.member_devices(mesh), min(size, fit))
+    chosen = wave_size(chosen, count, mesh)
+    log(
+        f"population{' of ' + what if what else ''}: {chosen} of {count} members per wave "
+        f"({need / 2**20:.1f} MiB each, {free / 2**30:.1f} GiB free per device)"
+    )
+    return chosen
 
 
 # ------------------------------------------------------------------------------ host side

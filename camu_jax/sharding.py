@@ -139,6 +139,22 @@ def shard_members(
     return jax.tree.map(put, tree)
 
 
+def free_memory(mesh: Mesh) -> int:
+    """Free bytes of the most used local device of `mesh` (accelerators report it); on a CPU
+    the host's available memory shared by its local devices."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    stats = [d.memory_stats() for d in local]
+    if all(s and "bytes_limit" in s for s in stats):
+        return min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # pragma: no cover - not Linux
+        available = 8 * 2**30
+    return available // max(1, len(local))
+
+
 def fetch(tree: Any) -> Any:
     """Device arrays -> host numpy, gathering shards other processes hold (every process gets
     the whole value)."""

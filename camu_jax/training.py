@@ -178,7 +178,13 @@ def train_population(
         run = _engine(
             model, config.learning_rate, config.weight_decay, data.spec, data.mesh, use_scan
         )
-        size = engine.wave_size(population_size, len(pending), data.mesh)
+        size = engine.population_size(
+            population_size,
+            len(pending),
+            data.mesh,
+            _memory_probe(run, pending, data, config, chunk_steps),
+            what=desc,
+        )
         for wave in engine.waves(len(pending), size):
             wave_members = [pending[i] for i in wave]
             for m, out in zip(
@@ -201,11 +207,10 @@ def train_population(
     return results
 
 
-def _train_wave(run, members, size, data, config, chunk_steps, callback, every, progress, desc):
-    timer = engine.Timer()
+def _prepare(run, members, size, data, config, chunk_steps):
+    """A wave's device state and member data, and its chunk length."""
     mesh, b = data.mesh, config.batch_size
     padded = engine.pad_members(members, size)
-    real = len(members)
     # Plans index a full-length item table, so training on D and on D_r share one compile.
     width = max(data.size, *(len(m.items) for m in members))
     tables = np.zeros((size, width), np.int32)
@@ -221,22 +226,49 @@ def _train_wave(run, members, size, data, config, chunk_steps, callback, every, 
             if m.state is not None:
                 host = jax.tree.map(lambda h, r, j=j: _put(h, j, r), host, m.state)
         state = sharding.shard_members(host, mesh)
+    return state, member_data, max(1, min(chunk_steps, -(-width // b)))
+
+
+def _wave_plan(members, size, config, epoch, chunk):
+    """The wave's `[size, steps, batch]` plan of one epoch (padding members and members past
+    this epoch inactive)."""
+    plans = []
+    for j, m in enumerate(engine.pad_members(members, size)):
+        plan = epoch_plan(len(m.items), config.batch_size, m.seed, epoch)
+        if j >= len(members) or epoch < m.start:  # padding member, or already past this epoch
+            plan = {k: np.zeros_like(v) for k, v in plan.items()}
+        plans.append(plan)
+    return engine.pad_steps(engine.stack_plans(plans), chunk)
+
+
+def _memory_probe(run, pending, data, config, chunk_steps):
+    """`per_member(size)` for `engine.population_size`: a wave of the first `size` members."""
+
+    def per_member(size):
+        members = pending[:size]
+        state, member_data, chunk = _prepare(run, members, size, data, config, chunk_steps)
+        plan = _wave_plan(members, size, config, min(m.start for m in members), chunk)
+        part = {k: v[:, :chunk] for k, v in plan.items()}
+        return run.memory_per_member(state, (data.images, data.labels), member_data, part)
+
+    return per_member
+
+
+def _train_wave(run, members, size, data, config, chunk_steps, callback, every, progress, desc):
+    timer = engine.Timer()
+    b = config.batch_size
+    padded = engine.pad_members(members, size)
+    real = len(members)
+    state, member_data, chunk = _prepare(run, members, size, data, config, chunk_steps)
     shared = (data.images, data.labels)
     steps = [-(-len(m.items) // b) for m in members]
-    chunk = max(1, min(chunk_steps, -(-width // b)))
     first = min(m.start for m in members)
     total = sum((config.epochs - m.start) * s for m, s in zip(members, steps, strict=True))
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
     last_save = [time.perf_counter()] * real
     names = [m.name for m in padded]
     for epoch in range(first, config.epochs):
-        plans = []
-        for j, m in enumerate(padded):
-            plan = epoch_plan(len(m.items), b, m.seed, epoch)
-            if j >= real or epoch < m.start:  # padding member, or already past this epoch
-                plan = {k: np.zeros_like(v) for k, v in plan.items()}
-            plans.append(plan)
-        plan = engine.pad_steps(engine.stack_plans(plans), chunk)
+        plan = _wave_plan(members, size, config, epoch, chunk)
         for lo in range(0, plan["ids"].shape[1], chunk):
             part = {k: v[:, lo : lo + chunk] for k, v in plan.items()}
             state, metrics = run(state, shared, member_data, part)

@@ -274,7 +274,6 @@ def run_population(
     names = list(names or [f"{method.name} {i}" for i in range(count)])
     if not (len(splits) == len(seeds) == len(names) == count):
         raise ValueError("originals, splits, seeds and names differ in length")
-    size = engine.wave_size(population_size, count, data.mesh)
     widths = _widths(splits)
     ctxs = [
         MemberContext(s, sp, data.host_labels, num_classes, widths)
@@ -289,6 +288,13 @@ def run_population(
         max(1, min(chunk_steps, max(len(next(iter(st.plan(c, 0).values()))) for c in ctxs)))
         for st in stages
     ]
+    size = engine.population_size(
+        population_size,
+        count,
+        data.mesh,
+        _memory_probe(method, model, engines, chunks, originals, data, ctxs),
+        what=method.name,
+    )
     results: list = [None] * count
     for wave in engine.waves(count, size):
         outs = _run_wave(
@@ -312,11 +318,8 @@ def _stack(trees):
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
-def _run_wave(method, model, engines, chunks, originals, data, ctxs, names, size, progress):
-    timer = engine.Timer()
-    mesh, real = data.mesh, len(originals)
-    pad = functools.partial(engine.pad_members, size=size)
-    originals, ctxs, names = pad(originals), pad(ctxs), pad(names)
+def _member_data(method, model, originals, data, ctxs):
+    """A wave's member data on device: rows, keys, `member_arrays`, then `prepare`'s."""
     host = []
     for c in ctxs:
         arrays = {
@@ -329,9 +332,35 @@ def _run_wave(method, model, engines, chunks, originals, data, ctxs, names, size
             arrays[k] = c.pad(v, STREAMS[k[0]]) if k[:2] in ("f_", "r_", "s_") else v
         host.append(arrays)
     host = _stack(host)
-    member = sharding.shard_members(host, mesh)
-    teachers = sharding.shard_members(_stack(originals), mesh)
+    member = sharding.shard_members(host, data.mesh)
+    teachers = sharding.shard_members(_stack(originals), data.mesh)
     member.update(method.prepare(model, teachers, data, host))
+    return member
+
+
+def _memory_probe(method, model, engines, chunks, originals, data, ctxs):
+    """`per_member(size)` for `engine.population_size`: the first stage of a wave of the first
+    `size` members."""
+
+    def per_member(size):
+        pad = functools.partial(engine.pad_members, size=size)
+        wave_ctxs = pad(ctxs[:size])
+        member = _member_data(method, model, pad(originals[:size]), data, wave_ctxs)
+        state = engines[0].init(_stack(pad(originals[:size])))
+        stage = method.stages()[0]
+        plan = engine.stack_plans([stage.plan(c, 0) for c in wave_ctxs])
+        part = {k: v[:, : chunks[0]] for k, v in engine.pad_steps(plan, chunks[0]).items()}
+        return engines[0].memory_per_member(state, (data.images, data.labels), member, part)
+
+    return per_member
+
+
+def _run_wave(method, model, engines, chunks, originals, data, ctxs, names, size, progress):
+    timer = engine.Timer()
+    real = len(originals)
+    pad = functools.partial(engine.pad_members, size=size)
+    originals, ctxs, names = pad(originals), pad(ctxs), pad(names)
+    member = _member_data(method, model, originals, data, ctxs)
     jax.block_until_ready(member)
     construct_seconds = timer.seconds
 
