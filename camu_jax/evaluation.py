@@ -275,6 +275,21 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class Scores:
+    """Per-model metric dicts being computed: `result()` waits for and returns them all, in
+    order. Scoring runs in worker processes while the caller goes on (e.g. trains the next
+    phase on the device); with one worker it has already run in this process."""
+
+    def __init__(self, futures_or_values, ready: bool):
+        self._items, self._ready = futures_or_values, ready
+
+    def result(self) -> list[dict[str, float]]:
+        if not self._ready:
+            self._items = [f.result() for f in self._items]
+            self._ready = True
+        return self._items
+
+
 def evaluate(
     model: nn.Module,
     variables: Sequence[dict],
@@ -287,14 +302,19 @@ def evaluate(
     names: Sequence[str] | None = None,
     population_size: int | None = None,
     workers: int | None = None,
-) -> list[dict[str, float]]:
+    wait: bool = True,
+):
     """`score` for every model `variables[i]` on its run's splits.
 
-    Forward passes run `population_size` models at a time (default all) in one batched
-    device pass per split; the attacks of different models are fitted in `workers` parallel
-    processes (default: the usable cores; 1 scores in this process). The values do not
-    depend on either setting. Raises FloatingPointError naming `names[i]` when a model's
-    logits are not finite.
+    Forward passes run `population_size` models at a time (default all; a forward pass's
+    activations are bounded by `IMAGES_PER_CALL` whatever the count) in one batched device pass
+    over train and test images; the attacks of different models are fitted in `workers`
+    parallel processes (default: the usable cores; 1 scores in this process). The values do
+    not depend on either setting. Raises FloatingPointError naming `names[i]` when a model's
+    logits are not finite (before returning, whether or not `wait`).
+
+    Returns the list of metric dicts, or with `wait=False` a `Scores` whose `result()` gives
+    it, so that the host fits attacks while the device goes on.
     """
     count = len(variables)
     size = engine.wave_size(population_size, count, train.mesh)
@@ -325,10 +345,13 @@ def evaluate(
             )
     workers = min(workers or default_workers(), len(jobs))
     if workers <= 1:
-        return [score(**job) for job in jobs]
-    from joblib import Parallel, delayed
+        scores = Scores([score(**job) for job in jobs], ready=True)
+    else:
+        from joblib.externals.loky import get_reusable_executor
 
-    return Parallel(n_jobs=workers, backend="loky")(delayed(score)(**job) for job in jobs)
+        executor = get_reusable_executor(max_workers=workers)
+        scores = Scores([executor.submit(score, **job) for job in jobs], ready=False)
+    return scores.result() if wait else scores
 
 
 def _stack(trees):
