@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,13 +58,19 @@ def all_finite(tree: PyTree) -> jax.Array:
 def member_program(fn: Callable, mesh: Mesh) -> Callable:
     """`fn(stacked, *args)` traced with CPU-friendly convolutions when it runs more than one
     member per CPU device (`layers.patch_matmul_convolutions`); decided at trace time from the
-    member count of `stacked`'s leading axis."""
+    member count of `stacked`'s leading axis. `CAMU_POPULATION_CONVS=xla|patch` forces one
+    form wherever more than one member shares a device (for benchmarks)."""
 
     @functools.wraps(fn)
     def wrapped(stacked, *args):
         members = jax.tree.leaves(stacked)[0].shape[0]
         per_device = members // sharding.member_devices(mesh)
-        with layers.patch_matmul_convolutions(jax.default_backend() == "cpu" and per_device > 1):
+        choice = os.environ.get("CAMU_POPULATION_CONVS", "auto")
+        if choice not in ("auto", "xla", "patch"):
+            raise ValueError(f"CAMU_POPULATION_CONVS={choice!r}; allowed: auto, xla, patch")
+        auto = jax.default_backend() == "cpu" and per_device > 1
+        patch = choice == "patch" or (choice == "auto" and auto)
+        with layers.patch_matmul_convolutions(patch and per_device > 1):
             return fn(stacked, *args)
 
     return wrapped
