@@ -24,9 +24,13 @@ Stem = Literal["imagenet", "cifar"]
 
 
 class CNN(nn.Module):
-    """conv5x5(16)-ReLU-pool, conv5x5(32)-ReLU-pool, fc1 1568->256 (embedding), 256->128->10."""
+    """conv5x5(16)-ReLU-pool, conv5x5(32)-ReLU-pool, fc1 1568->256 (embedding), 256->128->10.
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+    `image_size` other than MNIST's 28 (8 for scikit-learn's digits) changes only fc1's input
+    size, 32 * (image_size // 4)^2, as the Flax CNN's `Dense` infers it.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
         super().__init__()
         self.conv1 = nn.Sequential(
             nn.Conv2d(in_channels, 16, kernel_size=5, stride=1, padding=2),
@@ -38,7 +42,7 @@ class CNN(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.fc1 = nn.Linear(32 * 7 * 7, 256)
+        self.fc1 = nn.Linear(32 * (image_size // 4) ** 2, 256)
         self.fc2 = nn.Sequential(nn.Linear(256, 128), nn.Linear(128, num_classes))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
