@@ -1,7 +1,7 @@
 """Rebuild the reports of a finished run: ``python -m experiments.report WORKDIR``.
 
 Reads ``WORKDIR/results.json`` and writes results.csv, results.md and the PNG plots next to it
-(see :func:`camu_jax.reporting.build_reports`). Exit code 2 when the file is missing or invalid.
+(see :func:`experiments.reporting.build_reports`). Exit code 2 when the file is missing or invalid.
 """
 
 from __future__ import annotations

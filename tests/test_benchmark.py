@@ -180,10 +180,10 @@ def test_pytorch_cnn_takes_digits_images():
     import jax
     import torch
 
-    from camu_jax.convert import flax_to_torch
     from camu_jax.models import create_model
     from camu_jax.steps import init_variables
     from experiments.pytorch_reference import models
+    from experiments.pytorch_reference.convert import flax_to_torch
 
     variables = init_variables(create_model("cnn", num_classes=10), jax.random.key(0), (8, 8, 1))
     module = models.CNN(num_classes=10, image_size=8)

@@ -1,6 +1,6 @@
 """Numerical parity of camu_jax with the PyTorch port of the reference.
 
-From identical weights (`camu_jax.convert`) and identical batches, the JAX steps (`camu_step`,
+From identical weights (`experiments.pytorch_reference.convert`) and identical batches, the JAX steps (`camu_step`,
 `train_step`) and the PyTorch port (`experiments.pytorch_reference`) must give the same losses,
 parameters and BatchNorm running statistics. The JAX side pads a short last batch to the full
 size with mask zeros; PyTorch gets the short batch, as its `DataLoader` serves it. The teacher

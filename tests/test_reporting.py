@@ -1,4 +1,4 @@
-"""Tests for camu_jax.reporting and the ``python -m experiments.report`` entry point."""
+"""Tests for experiments.reporting and the ``python -m experiments.report`` entry point."""
 
 import copy
 import csv

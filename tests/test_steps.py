@@ -601,7 +601,7 @@ def test_conv2d_matches_lax_conv_values_and_gradients(shape, kernel_shape, strid
 
 def test_conv_module_has_nn_conv_parameters():
     """`layers.Conv` initialises the same `kernel`/`bias` as `nn.Conv` (checkpoints and
-    `camu_jax.convert` rely on the names and shapes)."""
+    `experiments.pytorch_reference.convert` rely on the names and shapes)."""
     from camu_jax.models import layers
 
     x = jnp.ones((2, 6, 6, 3))

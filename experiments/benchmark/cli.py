@@ -99,8 +99,8 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
 
-    from camu_jax.reporting import atomic_write_bytes
     from experiments.benchmark import env
+    from experiments.reporting import atomic_write_bytes
 
     if warning := env.load_warning():
         print(f"[benchmark] warning: {warning}", flush=True)

@@ -65,10 +65,10 @@ def original_weights(seed: int = 0):
     `(flax variables, torch state_dict)`."""
     import jax
 
-    from camu_jax.convert import flax_to_torch
     from camu_jax.models import create_model
     from camu_jax.steps import init_variables
     from experiments.pytorch_reference import models
+    from experiments.pytorch_reference.convert import flax_to_torch
 
     variables = init_variables(
         create_model("cnn", num_classes=NUM_CLASSES), jax.random.key(seed), MNIST_SHAPE
