@@ -1,8 +1,8 @@
 """Numerical parity of camu_jax with the PyTorch port of the reference.
 
 From identical weights (`experiments.pytorch_reference.convert`) and identical batches, the JAX
-steps (`camu_step`, `train_step`) and the PyTorch port (`experiments.pytorch_reference`) must give the same losses,
-parameters and BatchNorm running statistics. The JAX side pads a short last batch to the full
+steps (`camu_step`, `train_step`) and the PyTorch port (`experiments.pytorch_reference`) must
+give the same losses, parameters and BatchNorm running statistics. The JAX side pads a short last batch to the full
 size with mask zeros; PyTorch gets the short batch, as its `DataLoader` serves it. The teacher
 embeddings z0_s, z0_cf come from the JAX frozen model in eval mode and are passed in the batch
 (as `camu_step` expects); PyTorch recomputes them every step, as the reference does.
