@@ -2,10 +2,11 @@
 
 From identical weights (`experiments.pytorch_reference.convert`) and identical batches, the JAX
 steps (`camu_step`, `train_step`) and the PyTorch port (`experiments.pytorch_reference`) must
-give the same losses, parameters and BatchNorm running statistics. The JAX side pads a short last batch to the full
-size with mask zeros; PyTorch gets the short batch, as its `DataLoader` serves it. The teacher
-embeddings z0_s, z0_cf come from the JAX frozen model in eval mode and are passed in the batch
-(as `camu_step` expects); PyTorch recomputes them every step, as the reference does.
+give the same losses, parameters and BatchNorm running statistics. The JAX side pads a short
+last batch to the full size with mask zeros; PyTorch gets the short batch, as its `DataLoader`
+serves it. The teacher embeddings z0_s, z0_cf come from the JAX frozen model in eval mode and
+are passed in the batch (as `camu_step` expects); PyTorch recomputes them every step, as the
+reference does.
 
 Every tolerance follows from the unit roundoff u (2^-24 in float32, 2^-53 in float64), the
 shapes of the computation and Adam's constants; none is fitted to a run, and no element may
