@@ -367,11 +367,13 @@ def pad_members(items: list, size: int) -> list:
 
 
 class Timer:
-    """Wall seconds of a phase, and the compile seconds JAX reported inside it."""
+    """Wall seconds of a phase, and the compile seconds and compiled programs JAX reported
+    inside it."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
         self.compile0 = compile_seconds()
+        self.programs0 = dict(_programs)
 
     @property
     def seconds(self) -> float:
@@ -381,6 +383,16 @@ class Timer:
     def compile_seconds(self) -> float:
         return compile_seconds() - self.compile0
 
+    @property
+    def programs(self) -> dict[str, int]:
+        """`{program name: XLA compilations}` since the timer started (a persistent-cache hit
+        counts: it replaces a compilation)."""
+        return {
+            k: n - self.programs0.get(k, 0)
+            for k, n in _programs.items()
+            if n > self.programs0.get(k, 0)
+        }
+
 
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -388,12 +400,16 @@ _COMPILE_EVENTS = (
     "/jax/core/compile/backend_compile_duration",
 )
 _compile_total = [0.0]
+_programs: dict[str, int] = {}
 _listening = [False]
 
 
-def _listener(event: str, duration: float, **_) -> None:
+def _listener(event: str, duration: float, **kwargs) -> None:
     if event in _COMPILE_EVENTS:
         _compile_total[0] += duration
+        if event == _COMPILE_EVENTS[2]:
+            name = str(kwargs.get("fun_name", "?"))
+            _programs[name] = _programs.get(name, 0) + 1
 
 
 def compile_seconds() -> float:

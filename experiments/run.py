@@ -239,6 +239,7 @@ def _phase(name: str, timer: engine.Timer, members: int, **extra) -> dict:
         "phase": name,
         "seconds": timer.seconds,
         "compile_seconds": timer.compile_seconds,
+        "programs_compiled": sum(timer.programs.values()),
         "members": members,
         **extra,
     }
@@ -262,7 +263,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
 
     # Each phase's models are scored as soon as they exist: the forward pass (and its logits
     # check) now, the attacks in worker processes while the next phases train.
-    pending, eval_time = {}, {"seconds": 0.0, "compile_seconds": 0.0}
+    pending, eval_time = {}, {"seconds": 0.0, "compile_seconds": 0.0, "programs_compiled": 0}
 
     def submit(method: str, variables: list[dict]) -> None:
         timer = engine.Timer()
@@ -281,6 +282,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         )
         eval_time["seconds"] += timer.seconds
         eval_time["compile_seconds"] += timer.compile_seconds
+        eval_time["programs_compiled"] += sum(timer.programs.values())
 
     timer = engine.Timer()
     originals = exp.originals(config.seeds)
@@ -338,6 +340,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
             "phase": "evaluation",
             "seconds": eval_time["seconds"] + timer.seconds,
             "compile_seconds": eval_time["compile_seconds"] + timer.compile_seconds,
+            "programs_compiled": eval_time["programs_compiled"] + sum(timer.programs.values()),
             "members": len(methods) * len(runs),
             "note": "forward passes, plus the wait for attacks still running at the end; "
             "the rest of the attack fitting overlapped the later phases",

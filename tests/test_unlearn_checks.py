@@ -60,10 +60,13 @@ def test_bad_setting_exits_2_naming_it_and_writes_nothing(tmp_path, args, needle
 
 
 def test_camu_batch_not_divisible_by_devices_is_refused_before_training(tmp_path):
+    # One run at a time: the 3 devices split each batch (a population puts whole members on
+    # devices instead, where any batch size goes).
     workdir = tmp_path / "wd"
     proc = run_main(
-        "--workdir", str(workdir), "--batch-size", "33", "--camu-batch-size", "32", devices=3
-    )
+        "--workdir", str(workdir), "--batch-size", "33", "--camu-batch-size", "32",
+        "--population-size", "1", devices=3,
+    )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "CaMU batch size 32 is not divisible by the 3 devices" in proc.stderr, proc.stderr
     assert written(workdir) == []  # no checkpoint, no split file

@@ -10,6 +10,7 @@ losses and BatchNorm honour, so the computation equals PyTorch's on the short ba
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -79,11 +80,7 @@ class DeviceData:
 
     def joined(self, other: DeviceData) -> DeviceData:
         """This split's rows, then `other`'s (same spec and mesh), in one device array."""
-        from camu_jax import sharding
-
-        join = jax.jit(
-            lambda a, b: jnp.concatenate([a, b]), out_shardings=sharding.replicated(self.mesh)
-        )
+        join = _joiner(self.mesh)
         return DeviceData(
             join(self.images, other.images),
             join(self.labels, other.labels),
@@ -99,6 +96,13 @@ class DeviceData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.spec.input_shape(tuple(self.images.shape[1:]))
+
+
+@functools.lru_cache(maxsize=8)
+def _joiner(mesh: Mesh):
+    from camu_jax import sharding
+
+    return jax.jit(lambda a, b: jnp.concatenate([a, b]), out_shardings=sharding.replicated(mesh))
 
 
 def _augment_one(key: jax.Array, image: jax.Array) -> jax.Array:
