@@ -306,7 +306,7 @@ def _unlearn_wave(
         total=config.epochs * sum(steps[:real]),
         desc="camu",
         unit="step",
-        disable=not progress,
+        disable=not progress or jax.process_index() != 0,  # process 0 reports
         leave=False,
     )
     for epoch in range(config.epochs):
