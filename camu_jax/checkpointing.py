@@ -8,6 +8,12 @@ an interrupted save never shows up as a restorable step. A restore checks the me
 shapes/dtypes, then the digest: Orbax stores arrays uncompressed and without checksums, so a
 flipped bit on disk would otherwise come back as a silently different model. Every refusal
 names the directory (or step folder) to delete; nothing is deleted here.
+
+Across processes (`jax.distributed`), process 0 writes every checkpoint (from host arrays,
+which every process has gathered; Orbax writes host numpy arrays from process 0 only) and any
+process reads them: every manager here is local to its process (Orbax's `active_processes` is
+this process alone), so no Orbax barrier waits on processes that do not save. The directory
+must then be on a filesystem all hosts share.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 DIGEST_KEY = "state_sha256"
 
@@ -33,23 +38,38 @@ class CheckpointCorruptError(CheckpointMismatchError):
 
 
 def _manager(directory: str | Path, *, max_to_keep: int | None = 2) -> ocp.CheckpointManager:
+    me = jax.process_index()
+    # This process alone, as primary host: no barrier with processes that do not take part
+    # (only process 0 writes; any process reads).
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    # Orbax creates the directory only with a barrier over all processes.
+    Path(directory).absolute().mkdir(parents=True, exist_ok=True)
     return ocp.CheckpointManager(
         Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+            max_to_keep=max_to_keep,
+            create=False,
+            enable_async_checkpointing=False,
+            multiprocessing_options=alone,
         ),
-        item_names=("state", "meta"),
+        # The handlers too: each takes the primary host from its own options.
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+            "meta": ocp.JsonCheckpointHandler(multiprocessing_options=alone),
+        },
     )
 
 
 def _host(leaf: Any) -> np.ndarray:
     if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
         return np.asarray(jax.device_get(leaf))
-    # Multi-process: a replicated array's local shard is the whole value; anything else is
-    # gathered (a collective, which every process reaches because all of them save/restore).
-    if leaf.sharding.is_fully_replicated:
+    if leaf.sharding.is_fully_replicated:  # its local shard is the whole value
         return np.asarray(leaf.addressable_data(0))
-    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    # Gathering here would be a collective that only process 0 (the writer) reaches.
+    raise ValueError(
+        "a checkpointed array is sharded over other processes; gather it first on every "
+        "process (camu_jax.sharding.fetch)"
+    )
 
 
 def state_digest(state: Any) -> str:
@@ -71,8 +91,10 @@ def latest_step(directory: str | Path) -> int | None:
 
 
 def save(directory: str | Path, step: int, state: Any, meta: dict) -> None:
-    """Saves `state` and its JSON description `meta` (plus the state's digest) as `step`;
-    blocks until durable."""
+    """Saves `state` (host arrays) and its JSON description `meta` (plus the state's digest)
+    as `step`; blocks until durable. Only process 0 writes; the others return at once."""
+    if jax.process_index() != 0:
+        return
     meta = {**meta, DIGEST_KEY: state_digest(state)}
     with _manager(directory) as mngr:
         mngr.save(
@@ -85,10 +107,13 @@ def save(directory: str | Path, step: int, state: Any, meta: dict) -> None:
         mngr.wait_until_finished()
 
 
-def save_next(directory: str | Path, state: Any, meta: dict) -> int:
-    """Saves as the step after the latest one; returns it. The previous step stays until the
-    new one is complete (`max_to_keep=2`), so a re-run replaces a result without a window in
-    which neither exists."""
+def save_next(directory: str | Path, state: Any, meta: dict) -> int | None:
+    """Saves as the step after the latest one; returns it (None on processes other than 0,
+    which write nothing). The previous step stays until the new one is complete
+    (`max_to_keep=2`), so a re-run replaces a result without a window in which neither
+    exists."""
+    if jax.process_index() != 0:
+        return None
     latest = latest_step(directory)
     step = 0 if latest is None else latest + 1
     save(directory, step, state, meta)

@@ -24,6 +24,20 @@ from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess
 from camu_jax.data.splits import Splits
 from camu_jax.models import apply_model
 
+# What `score` returns, in its order: the fixed layout in which scores travel between processes.
+METRIC_KEYS = (
+    "remain_train_acc",
+    "forget_train_acc",
+    "test_acc",
+    "test_remain_acc",
+    "test_forget_acc",
+    "mia",
+    "UA",
+    "RA",
+    "TA",
+    "mia_efficacy",
+    "loss_attack",
+)
 # Images per forward call over all members: bounds activation memory while keeping calls few.
 IMAGES_PER_CALL = 32768
 
@@ -145,16 +159,25 @@ def check_logits(logits: np.ndarray, *, name: str, variables: dict, rows=None) -
     """Raises FloatingPointError, naming `name`, when a logit is NaN or inf: no metric means
     anything then, and finite but huge parameters (a learning rate far too high) show up only
     here."""
+    bad, first = _nonfinite(logits)
+    if bad:
+        first = first if rows is None else int(np.asarray(rows)[first])
+        raise _nonfinite_error(name, bad, len(logits), first, variables)
+
+
+def _nonfinite(logits: np.ndarray) -> tuple[int, int]:
+    """How many rows of `logits` hold a NaN or inf, and the first of them."""
     bad = ~np.isfinite(logits).all(axis=-1)
-    if bad.any():
-        leaves = [np.asarray(x) for x in jax.tree.leaves(variables) if np.size(x)]
-        largest = max(float(np.abs(x).max()) for x in leaves)
-        first = int(np.argmax(bad)) if rows is None else int(np.asarray(rows)[np.argmax(bad)])
-        raise FloatingPointError(
-            f"{name} gives non-finite logits on {int(bad.sum())} of {len(bad)} images (first: "
-            f"row {first}); its largest |parameter| is {largest:.3g} (a learning rate far too "
-            "high?)"
-        )
+    return int(bad.sum()), int(np.argmax(bad))
+
+
+def _nonfinite_error(name: str, bad: int, total: int, first: int, variables: dict):
+    leaves = [np.asarray(x) for x in jax.tree.leaves(variables) if np.size(x)]
+    largest = max(float(np.abs(x).max()) for x in leaves)
+    return FloatingPointError(
+        f"{name} gives non-finite logits on {bad} of {total} images (first: row {first}); its "
+        f"largest |parameter| is {largest:.3g} (a learning rate far too high?)"
+    )
 
 
 def _acc(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -276,18 +299,23 @@ def default_workers() -> int:
 
 
 class Scores:
-    """Per-model metric dicts being computed: `result()` waits for and returns them all, in
-    order. Scoring runs in worker processes while the caller goes on (e.g. trains the next
-    phase on the device); with one worker it has already run in this process."""
+    """Per-model metric dicts being computed: `result()` waits for them, gathers every
+    process's (`jax.distributed`) and returns them all, in order. Scoring runs in worker
+    processes while the caller goes on (e.g. trains the next phase on the device); with one
+    worker it has already run in this process."""
 
-    def __init__(self, futures_or_values, ready: bool):
-        self._items, self._ready = futures_or_values, ready
+    def __init__(self, items, order, owners, count, ready: bool):
+        self._items, self._order, self._owners = items, order, owners
+        self._count, self._ready, self._table = count, ready, None
 
     def result(self) -> list[dict[str, float]]:
-        if not self._ready:
-            self._items = [f.result() for f in self._items]
-            self._ready = True
-        return self._items
+        if self._table is None:
+            items = self._items if self._ready else [f.result() for f in self._items]
+            rows = {i: _metric_vector(s) for i, s in zip(self._order, items, strict=True)}
+            size = len(self._owners)
+            owners = [self._owners[i % size] for i in range(self._count)]
+            self._table = sharding.gather_rows(rows, owners, len(METRIC_KEYS))
+        return [dict(zip(METRIC_KEYS, map(float, row), strict=True)) for row in self._table]
 
 
 def evaluate(
@@ -313,45 +341,67 @@ def evaluate(
     not depend on either setting. Raises FloatingPointError naming `names[i]` when a model's
     logits are not finite (before returning, whether or not `wait`).
 
+    Across processes (`jax.distributed`), each process scores the models it owns
+    (`sharding.member_owners`) from the logits it holds, and every process gets every score.
+
     Returns the list of metric dicts, or with `wait=False` a `Scores` whose `result()` gives
-    it, so that the host fits attacks while the device goes on.
+    it, so that the host fits attacks while the device goes on (every process must then call
+    `result()`, in the same order: it gathers across processes).
     """
     count = len(variables)
-    size = engine.wave_size(population_size, count, train.mesh)
+    mesh = train.mesh
+    size = engine.wave_size(population_size, count, mesh)
+    owners = sharding.member_owners(mesh, size)
     both = train.joined(test)
-    jobs = []
+    jobs = {}
     for lo in range(0, count, size):
         wave = list(variables[lo : lo + size])
         wave += [wave[0]] * (size - len(wave))
-        stacked = sharding.shard_members(_stack(wave), train.mesh)
-        # One pass over train and test images together: one program, not one per split.
-        out = predict(model, stacked, both)
-        tr, te = out[:, : train.size], out[:, train.size :]
-        for j in range(min(size, count - lo)):
+        stacked = sharding.shard_members(_stack(wave), mesh)
+        # One pass over train and test images together: one program, not one per split; each
+        # process fetches the logits of its own models only.
+        out = sharding.owned_members(predict(model, stacked, both, fetch=False), mesh)
+        real = min(size, count - lo)
+        checks = {}
+        for j in (j for j in out if j < real):
             i = lo + j
-            name = names[i] if names else f"model {i}"
-            check_logits(tr[j], name=name, variables=variables[i])
-            check_logits(te[j], name=name, variables=variables[i])
-            jobs.append(
-                dict(
-                    train_logits=tr[j],
-                    train_labels=train.host_labels,
-                    test_logits=te[j],
-                    test_labels=test.host_labels,
-                    splits=splits[i],
-                    forget_classes=forget_classes[i],
-                    seed=seeds[i],
-                )
+            tr, te = out[j][: train.size], out[j][train.size : both.size]
+            checks[j] = np.asarray([*_nonfinite(tr), *_nonfinite(te)], np.float64)
+            jobs[i] = dict(
+                train_logits=tr,
+                train_labels=train.host_labels,
+                test_logits=te,
+                test_labels=test.host_labels,
+                splits=splits[i],
+                forget_classes=forget_classes[i],
+                seed=seeds[i],
             )
-    workers = min(workers or default_workers(), len(jobs))
+        # Every process raises the same error, for the first bad model of the wave.
+        bad = sharding.gather_rows(checks, owners, 4)
+        for j in range(real):
+            for k, total in ((0, train.size), (2, test.size)):
+                if bad[j, k] > 0:
+                    name = names[lo + j] if names else f"model {lo + j}"
+                    raise _nonfinite_error(
+                        name, int(bad[j, k]), total, int(bad[j, k + 1]), variables[lo + j]
+                    )
+    order = sorted(jobs)
+    workers = min(workers or default_workers(), len(order))
     if workers <= 1:
-        scores = Scores([score(**job) for job in jobs], ready=True)
+        scores = Scores([score(**jobs[i]) for i in order], order, owners, count, ready=True)
     else:
         from joblib.externals.loky import get_reusable_executor
 
         executor = get_reusable_executor(max_workers=workers)
-        scores = Scores([executor.submit(score, **job) for job in jobs], ready=False)
+        futures = [executor.submit(score, **jobs[i]) for i in order]
+        scores = Scores(futures, order, owners, count, ready=False)
     return scores.result() if wait else scores
+
+
+def _metric_vector(scores: dict[str, float]) -> np.ndarray:
+    if tuple(scores) != METRIC_KEYS:
+        raise AssertionError(f"score returned {tuple(scores)}, expected {METRIC_KEYS}")
+    return np.asarray([scores[k] for k in METRIC_KEYS], np.float64)
 
 
 def _stack(trees):

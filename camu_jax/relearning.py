@@ -55,7 +55,7 @@ def relearn(
         remain = np.sort(rng.choice(sp.remain, k, replace=False))
         rows.append(np.concatenate([remain, sp.forget[: config.max_items]]))
         n_remain.append(k)
-    labels = data.host_labels
+    labels, mesh = data.host_labels, data.mesh
     curves = [{"batches": [], "gap": []} for _ in range(count)]
 
     width = max(len(r) for r in rows)  # of every model, so every wave has one shape
@@ -65,13 +65,15 @@ def relearn(
         table = np.zeros((size, width), np.int32)
         for j, i in enumerate(members):
             table[j, : len(rows[i])] = rows[i]
-        logits = predict(model, stacked, data, table)
-        out = []
+        # Each process measures the models it owns, from the logits it holds.
+        logits = sharding.owned_members(predict(model, stacked, data, table, fetch=False), mesh)
+        out = {}
         for j, i in enumerate(members):
-            r, k = rows[i], n_remain[i]
-            correct = logits[j, : len(r)].argmax(-1) == labels[r]
-            out.append(100 * correct[:k].mean() - 100 * correct[k:].mean())
-        return np.asarray(out)
+            if j in logits:
+                r, k = rows[i], n_remain[i]
+                correct = logits[j][: len(r)].argmax(-1) == labels[r]
+                out[j] = [100 * correct[:k].mean() - 100 * correct[k:].mean()]
+        return sharding.gather_rows(out, sharding.member_owners(mesh, size), 1)[: len(members), 0]
 
     def record(stacked, done, members):
         for j, (gap, i) in enumerate(zip(gaps(stacked, members), members, strict=True)):

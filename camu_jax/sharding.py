@@ -25,13 +25,30 @@ MEMBER_AXIS = "member"
 def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` when the environment describes a multi-host job.
 
-    Recognised: `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`), or
-    `CAMU_DISTRIBUTED=1` for clusters JAX detects itself (SLURM, TPU pods, Open MPI).
+    Recognised: `JAX_COORDINATOR_ADDRESS` with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (one
+    process per host, launched by hand or by a script; JAX itself reads only the address), or
+    `CAMU_DISTRIBUTED=1` for clusters JAX detects itself (SLURM, TPU pods, Open MPI). CPU
+    processes exchange data over gloo, which older JAX versions do not select by default.
     """
     if _initialized():
         return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("CAMU_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address and os.environ.get("CAMU_DISTRIBUTED") != "1":
+        return
+    kwargs = {}
+    if address:
+        kwargs["coordinator_address"] = address
+        for key, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            text = os.environ.get(name)
+            if text is None:
+                continue  # JAX may still detect it (a cluster's environment)
+            try:
+                kwargs[key] = int(text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r} is not an integer") from None
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
 
 
 def _initialized() -> bool:
@@ -167,6 +184,74 @@ def fetch(tree: Any) -> Any:
         return np.asarray(x)
 
     return jax.tree.map(get, tree)
+
+
+def member_owners(mesh: Mesh, members: int) -> list[int]:
+    """For each member of a `members`-long member axis sharded over `mesh`, the lowest index
+    of the processes that hold it: the one that computes its host-side metrics."""
+    check_members(members, mesh)
+    per_row = members // member_devices(mesh)
+    rows = [min(d.process_index for d in row) for row in np.asarray(mesh.devices)]
+    return [rows[j // per_row] for j in range(members)]
+
+
+def owned_members(x: jax.Array, mesh: Mesh) -> dict[int, np.ndarray]:
+    """`{member: host value}` of the members of `x` (leading member axis) this process owns
+    (`member_owners`), without moving any other member's data between processes. A collective:
+    every process calls it."""
+    # Whole members on every device of their mesh row (a no-op without a data axis).
+    x = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P(MEMBER_AXIS)))(x)
+    owners, me, out = member_owners(mesh, x.shape[0]), jax.process_index(), {}
+    for shard in x.addressable_shards:
+        lo = shard.index[0].start or 0
+        data = None
+        for k in range(shard.data.shape[0]):
+            if owners[lo + k] == me and lo + k not in out:
+                data = np.asarray(shard.data) if data is None else data
+                out[lo + k] = data[k]
+    return out
+
+
+def gather_rows(rows: dict[int, np.ndarray], owners: list[int], width: int) -> np.ndarray:
+    """Per-member float64 vectors of length `width` (each process passes those of the members
+    it owns) -> `[members, width]` on every process, bit for bit (sent as uint32 words: JAX
+    without x64 would round float64). A collective: every process calls it."""
+    local = np.full((len(owners), width), np.nan)
+    for i, row in rows.items():
+        local[i] = np.asarray(row, np.float64)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    words = multihost_utils.process_allgather(local.view(np.uint32))  # [processes, members, 2w]
+    everyone = np.asarray(words).view(np.float64)
+    return everyone[np.asarray(owners, int), np.arange(len(owners))]
+
+
+def from_process_zero(values: np.ndarray) -> np.ndarray:
+    """Process 0's `values` (a host array of one shape on every process), on every process:
+    for decisions that must not differ between processes, such as those taken from a clock.
+    A collective: every process calls it."""
+    if jax.process_count() == 1:
+        return np.asarray(values)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(values)))
+
+
+def agree(values: np.ndarray, what: str, hint: str) -> None:
+    """Raises ValueError (on every process) unless every process passes the same int
+    `values`; `what` names them, `hint` says what to fix. A collective: every process calls
+    it."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    local = np.asarray(values, np.int32)
+    seen = np.asarray(multihost_utils.process_allgather(local))
+    if (seen != local[None]).any():
+        found = "; ".join(f"process {p}: {seen[p].tolist()}" for p in range(len(seen)))
+        raise ValueError(f"the processes disagree on {what} ({found}); {hint}")
 
 
 def constrain_members(tree: Any, mesh: Mesh) -> Any:

@@ -170,6 +170,14 @@ def train_population(
             )
             m.start, m.seconds = min(m.start, config.epochs), float(saved.get("seconds", 0.0))
             m.state = jax.tree.map(np.asarray, state)
+    # Processes that resumed from different epochs would run different programs and wait on
+    # each other forever.
+    sharding.agree(
+        [m.start for m in members],
+        f"the epochs already done by the {desc} models (read from their checkpoints)",
+        "checkpoints must be on a filesystem that every host shares",
+    )
+    for m in members:
         if m.start >= config.epochs:
             results[m.index] = (_variables(m.state), _info(m, config, 0.0, 0.0))
         else:
@@ -264,7 +272,7 @@ def _train_wave(run, members, size, data, config, chunk_steps, callback, every, 
     steps = [-(-len(m.items) // b) for m in members]
     first = min(m.start for m in members)
     total = sum((config.epochs - m.start) * s for m, s in zip(members, steps, strict=True))
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not _shows(progress), leave=False)
     last_save = [time.perf_counter()] * real
     names = [m.name for m in padded]
     for epoch in range(first, config.epochs):
@@ -285,13 +293,15 @@ def _train_wave(run, members, size, data, config, chunk_steps, callback, every, 
         if any(m.directory is not None for m in members):
             now = time.perf_counter()
             due = [
-                j
-                for j, m in enumerate(members)
-                if m.directory is not None
+                m.directory is not None
                 and epoch >= m.start
                 and (epoch + 1 == config.epochs or now - last_save[j] >= every)
+                for j, m in enumerate(members)
             ]
-            if due:
+            # Clocks differ between processes; saving gathers the state (a collective), so
+            # process 0's decision is everyone's.
+            due = np.flatnonzero(sharding.from_process_zero(np.asarray(due, np.int32)))
+            if len(due):
                 host = engine.unstack(state, real)
                 share = timer.seconds / real
                 for j in due:
@@ -306,6 +316,11 @@ def _train_wave(run, members, size, data, config, chunk_steps, callback, every, 
     return [
         (_variables(host[j]), _info(m, config, share, compile_share)) for j, m in enumerate(members)
     ]
+
+
+def _shows(progress: bool) -> bool:
+    """Progress bars: on process 0 only, which reports for the whole job."""
+    return progress and jax.process_index() == 0
 
 
 def _put(stacked: np.ndarray, j: int, value) -> np.ndarray:

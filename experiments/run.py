@@ -99,7 +99,7 @@ class Experiment:
             config.dataset,
             data_dir=config.data_dir,
             manual_dir=config.manual_dir,
-            progress=config.progress,
+            progress=config.progress and jax.process_index() == 0,
         )
         self.model = create_model(config.model, num_classes=self.data.num_classes)
         spec = input_spec_for(config.dataset, config.model)
@@ -249,6 +249,10 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     """Runs the study of `config` phase by phase; writes `results.json` and the reports
     (atomically) into `config.workdir`; returns the results dict."""
     exp = Experiment(config)
+    # Across processes (`jax.distributed`) every process runs the study; process 0 alone
+    # reports and writes results, splits and reports.
+    main = jax.process_index() == 0
+    log = log if main else lambda *_: None
     runs = exp.runs()
     for run in runs:
         for attack, why in exp.inapplicable(run.splits).items():
@@ -256,9 +260,10 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
             log(f"note: {attack} not applicable ({where}): {why}")
     workdir = exp.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(workdir, workdir / "splits")  # Left by a killed run.
-    for run in runs:
-        _save_npz(workdir / "splits" / f"{run.name}.npz", run.splits.to_arrays())
+    if main:
+        remove_stale_temp_files(workdir, workdir / "splits")  # Left by a killed run.
+        for run in runs:
+            _save_npz(workdir / "splits" / f"{run.name}.npz", run.splits.to_arrays())
     phases = []
 
     # Each phase's models are scored as soon as they exist: the forward pass (and its logits
@@ -403,7 +408,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         "phases": phases,
     }
     results = _clean(results)
-    if jax.process_index() == 0:
+    if main:
         atomic_write_bytes(workdir / "results.json", json.dumps(results, indent=2).encode())
         build_reports(results, workdir)
     return results

@@ -95,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     from camu_jax.sharding import maybe_initialize_distributed
     from experiments.run import run_experiment
 
-    maybe_initialize_distributed()
     t0 = time.perf_counter()
     try:
+        maybe_initialize_distributed()
         results = run_experiment(config)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if jax.process_index() != 0:  # process 0 reports for the whole job
+        return 0
     print("\nphases: " + ", ".join(f"{p['phase']} {p['seconds']:.1f}s" for p in results["phases"]))
     print(
         f"results: {Path(config.workdir) / 'results.json'}  (total {time.perf_counter() - t0:.1f}s)"

@@ -378,7 +378,7 @@ def _run_wave(method, model, engines, chunks, originals, data, ctxs, names, size
             total=total,
             desc=f"{method.name} {stage.name}",
             unit="step",
-            disable=not progress,
+            disable=not progress or jax.process_index() != 0,  # process 0 reports
             leave=False,
         )
         for epoch in range(stage.epochs):
