@@ -1,7 +1,8 @@
 """Populations on the loop engine (`camu_jax.engine`): a member computes its sequential run.
 
 The float64 comparisons run in their own process (8 fake CPU devices): population, waves of
-two and 8-device sharding against three sequential runs. Tolerance, derived: the programs
+two, 8-device sharding and scan chunks (how accelerators run a chunk) against three sequential
+runs (one call per step, as on CPU). Tolerance, derived: the programs
 differ only in summation order (a grouped convolution over members instead of one per run, a
 reduction split over devices). One float64 sum of n terms errs by at most n * eps64 * sum|terms|
 (eps64 = 2**-52); the longest reductions here have n <= 2048 terms (a batch of 32 times the
@@ -51,7 +52,7 @@ def report():
 
 
 @pytest.mark.parametrize("phase", ["camu", "train"])
-@pytest.mark.parametrize("mode", ["population", "two_waves", "eight_devices"])
+@pytest.mark.parametrize("mode", ["population", "two_waves", "eight_devices", "scan"])
 def test_member_equals_sequential_float64(report, phase, mode):
     steps = report[f"{phase}_steps"]
     for i, d in enumerate(report[phase][mode]):

@@ -2,7 +2,7 @@
 
 A population member must compute its sequential run: CaMU and training populations of three
 members (seeds 0, 1, 2 forgetting classes 0, 1, 2 of digits), run one at a time, all together,
-in waves of two, and sharded over 8 devices, must agree. float64 makes the comparison about the
+in waves of two, sharded over 8 devices, and as scan chunks, must agree. float64 makes the comparison about the
 function each program computes, not about float32 summation order (see test_population.py).
 Each step is waited for: on jax 0.10.2 a loop over fake devices can deadlock otherwise.
 """
@@ -79,7 +79,11 @@ def main():
         "eight_devices": unlearn_population(
             model, variables, data=eight, splits=splits, seeds=SEEDS, **kw
         ),
-    }
+        "scan": unlearn_population(
+            model, variables, data=one, splits=splits, seeds=SEEDS, use_scan=True,
+            chunk_steps=4, **kw,
+        ),
+    }  # fmt: skip
     out["camu"] = {
         name: [diff(r[0], s) for r, s in zip(res, seq, strict=True)] for name, res in pops.items()
     }
@@ -97,6 +101,7 @@ def main():
         "population": train_population(model, variables, data=one, **tkw),
         "two_waves": train_population(model, variables, data=one, population_size=2, **tkw),
         "eight_devices": train_population(model, variables, data=eight, **tkw),
+        "scan": train_population(model, variables, data=one, use_scan=True, chunk_steps=16, **tkw),
     }
     out["train"] = {
         name: [diff(r[0], s) for r, s in zip(res, tseq, strict=True)] for name, res in tpops.items()
