@@ -2,9 +2,10 @@
 
 A population member must compute its sequential run: CaMU and training populations of three
 members (seeds 0, 1, 2 forgetting classes 0, 1, 2 of digits), run one at a time, all together,
-in waves of two, sharded over 8 devices, and as scan chunks, must agree. float64 makes the comparison about the
-function each program computes, not about float32 summation order (see test_population.py).
-Each step is waited for: on jax 0.10.2 a loop over fake devices can deadlock otherwise.
+in waves of two, sharded over 8 devices, and as scan chunks, must agree. float64 makes the
+comparison about the function each program computes, not about float32 summation order (see
+test_population.py). Each step is waited for: on jax 0.10.2 a loop over fake devices can
+deadlock otherwise.
 """
 
 import os
