@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.xla_cache:
         jax.config.update("jax_compilation_cache_dir", args.xla_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # Every program, however small: a warm run then compiles nothing (small programs each
+        # cost a few hundred milliseconds on a GPU, and a run has dozens of them).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from camu_jax.sharding import maybe_initialize_distributed
     from experiments.run import run_experiment
 
