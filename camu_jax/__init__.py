@@ -2,6 +2,7 @@
 baselines in JAX/Flax, run as populations of runs on one loop engine."""
 
 from camu_jax import methods
+from camu_jax.compare import compare, table
 from camu_jax.counterfactual import Counterfactuals, counterfactual_inputs, make_counterfactuals
 from camu_jax.data import DeviceData
 from camu_jax.evaluation import evaluate, predict, predict_logits, score
@@ -36,6 +37,7 @@ __all__ = [
     "apply_model",
     "camu_preset",
     "camu_step",
+    "compare",
     "counterfactual_inputs",
     "cross_entropy_mean",
     "evaluate",
@@ -51,6 +53,7 @@ __all__ = [
     "relearn",
     "representation_loss",
     "score",
+    "table",
     "train_model",
     "train_population",
     "train_step",

@@ -10,6 +10,7 @@ fetches it back.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -195,12 +196,18 @@ def member_owners(mesh: Mesh, members: int) -> list[int]:
     return [rows[j // per_row] for j in range(members)]
 
 
+@functools.lru_cache(maxsize=8)
+def _whole_members(mesh: Mesh):
+    # One jitted function per mesh, so that each shape compiles once per process.
+    return jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P(MEMBER_AXIS)))
+
+
 def owned_members(x: jax.Array, mesh: Mesh) -> dict[int, np.ndarray]:
     """`{member: host value}` of the members of `x` (leading member axis) this process owns
     (`member_owners`), without moving any other member's data between processes. A collective:
     every process calls it."""
     # Whole members on every device of their mesh row (a no-op without a data axis).
-    x = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P(MEMBER_AXIS)))(x)
+    x = _whole_members(mesh)(x)
     owners, me, out = member_owners(mesh, x.shape[0]), jax.process_index(), {}
     for shard in x.addressable_shards:
         lo = shard.index[0].start or 0

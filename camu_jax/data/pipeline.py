@@ -71,9 +71,15 @@ class DeviceData:
     mesh: Mesh
 
     @classmethod
-    def put(cls, images, labels, *, spec: InputSpec, mesh: Mesh) -> DeviceData:
+    def put(
+        cls, images, labels, *, spec: InputSpec | None = None, mesh: Mesh | None = None
+    ) -> DeviceData:
+        """Host `images`, `labels` on device; default `spec` none (`InputSpec()`), default
+        `mesh` every device (`sharding.make_mesh()`)."""
         from camu_jax import sharding
 
+        spec = InputSpec() if spec is None else spec
+        mesh = sharding.make_mesh() if mesh is None else mesh
         host_labels = np.asarray(labels, np.int32)
         dev_images, dev_labels = sharding.replicate((np.asarray(images), host_labels), mesh)
         return cls(dev_images, dev_labels, host_labels, spec, mesh)

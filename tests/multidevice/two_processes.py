@@ -16,8 +16,7 @@ import numpy as np
 from camu_jax import evaluation, sharding
 from camu_jax.data import ForgetSpec, input_spec_for, load_dataset, make_splits
 from camu_jax.data.pipeline import DeviceData
-from camu_jax.models import create_model
-from camu_jax.steps import init_variables
+from camu_jax.models import create_model, init_variables
 
 SEEDS = (10, 11, 12, 13)
 

@@ -1,0 +1,152 @@
+"""The comparison a paper needs, from a notebook: original, retrain and unlearning methods on the
+same runs, evaluated by the library, in one call.
+
+`compare` trains the originals (one per seed) and the retrained models (one per run) as
+populations, runs each method as a population, scores every model (`evaluation.evaluate`), and
+adds the gaps to Retrain and the run-time efficiency; nothing is written to disk (the main job,
+`python -m experiments.unlearn`, adds checkpoints, reports and plots). `table` prints the mean
+and std over runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from camu_jax import metrics
+from camu_jax import methods as registry
+from camu_jax.data.pipeline import DeviceData
+from camu_jax.data.splits import Splits
+from camu_jax.evaluation import evaluate
+from camu_jax.methods.base import Method, run_population
+from camu_jax.models import init_variables
+from camu_jax.relearning import RelearnConfig, relearn
+from camu_jax.training import TrainConfig, train_population
+
+GAP_KEYS = ("UA", "RA", "TA", "mia_efficacy")
+
+
+def compare(
+    model: nn.Module,
+    *,
+    train: DeviceData,
+    test: DeviceData,
+    splits: Sequence[Splits],
+    seeds: Sequence[int],
+    methods: Sequence[str | Method] = ("camu",),
+    forget_classes: Sequence[tuple[int, ...] | None] | None = None,
+    train_config: TrainConfig = TrainConfig(),
+    num_classes: int | None = None,
+    population_size: int | None = None,
+    relearning: bool = False,
+    progress: bool = False,
+) -> list[dict]:
+    """Runs original, retrain and `methods` (names of `camu_jax.methods`, or configs) on every
+    run (`splits[i]`, `seeds[i]`); returns per run `{'seed', 'methods': {name: metrics}}` (and
+    `'relearn': {name: curve}` with `relearning`).
+
+    `forget_classes[i]` are run i's forgotten classes (class removal), or None (default: the
+    classes D_f holds only where D_f is whole classes, else None). Metrics: `evaluation.score`'s,
+    plus `avg_gap` (to Retrain over UA, RA, TA, MIA-efficacy), `seconds` and `rte`.
+    """
+    labels = train.host_labels
+    num_classes = num_classes or int(labels.max()) + 1
+    if forget_classes is None:
+        forget_classes = [_whole_classes(sp, labels) for sp in splits]
+    configs = [registry.get(m) if isinstance(m, str) else m for m in methods]
+    unique_seeds = sorted(set(seeds))
+    kw = dict(population_size=population_size, progress=progress)
+    start = [init_variables(model, jax.random.key(s), train.input_shape) for s in unique_seeds]
+    originals = dict(
+        zip(
+            unique_seeds,
+            train_population(
+                model, start, data=train, items=[np.arange(train.size)] * len(start),
+                seeds=unique_seeds, config=train_config, desc="original", **kw,
+            ),
+            strict=True,
+        )
+    )
+    models = {"original": [originals[s] for s in seeds]}
+    models["retrain"] = train_population(
+        model, [init_variables(model, jax.random.key(s), train.input_shape) for s in seeds],
+        data=train, items=[sp.remain for sp in splits], seeds=seeds, config=train_config,
+        desc="retrain", **kw,
+    )
+    for m in configs:
+        models[m.name] = run_population(
+            m, model, [v for v, _ in models["original"]], data=train, splits=splits,
+            seeds=seeds, num_classes=num_classes, **kw,
+        )
+    out = [{"seed": s, "methods": {}} for s in seeds]
+    for name, results in models.items():
+        scores = evaluate(
+            model, [v for v, _ in results], train=train, test=test, splits=splits,
+            forget_classes=forget_classes, seeds=seeds, population_size=population_size,
+        )
+        for run, s, (_, info) in zip(out, scores, results, strict=True):
+            run["methods"][name] = {**s, "seconds": info["seconds"]}
+    for run in out:
+        ms = run["methods"]
+        for name, r in ms.items():
+            r["avg_gap"] = metrics.avg_gap(r, ms["retrain"], keys=GAP_KEYS)
+            r["rte"] = None if name == "original" else metrics.rte(
+                retrain_seconds=ms["retrain"]["seconds"], unlearn_seconds=r["seconds"]
+            )
+    if relearning:
+        names = [m.name for m in configs] + ["retrain"]
+        which = [(n, i) for n in names for i in range(len(splits))]
+        curves = relearn(
+            model, [models[n][i][0] for n, i in which], data=train,
+            splits=[splits[i] for _, i in which], seeds=[seeds[i] for _, i in which],
+            config=RelearnConfig(train=TrainConfig(
+                epochs=1, batch_size=train_config.batch_size,
+                learning_rate=train_config.learning_rate, weight_decay=train_config.weight_decay,
+            )),
+            population_size=population_size, progress=progress,
+        )
+        for (n, i), curve in zip(which, curves, strict=True):
+            out[i].setdefault("relearn", {})[n] = curve
+    return out
+
+
+def _whole_classes(splits: Splits, labels: np.ndarray) -> tuple[int, ...] | None:
+    """The classes D_f consists of, when it is exactly every item of them (class removal)."""
+    classes = np.unique(labels[splits.forget])
+    whole = np.flatnonzero(np.isin(labels, classes))
+    return tuple(int(c) for c in classes) if np.array_equal(whole, splits.forget) else None
+
+
+TABLE_COLUMNS = (
+    ("UA", "UA"),
+    ("RA", "RA"),
+    ("TA", "TA"),
+    ("mia_efficacy", "MIA-eff"),
+    ("mia", "MIA"),
+    ("avg_gap", "Avg.Gap"),
+    ("seconds", "time s"),
+    ("rte", "RTE"),
+)
+
+
+def table(runs: Sequence[dict]) -> str:
+    """Mean ± std over runs, one row per method (SalUn's columns and the reference's MIA)."""
+    names = list(runs[0]["methods"])
+    width = max(10, *(len(n) + 1 for n in names))
+    lines = [f"{'method':<{width}}" + "".join(f"{h:>16}" for _, h in TABLE_COLUMNS)]
+    for name in names:
+        cells = []
+        for key, _ in TABLE_COLUMNS:
+            values = [r["methods"][name].get(key) for r in runs]
+            values = [v for v in values if v is not None and not math.isnan(v)]
+            if values:
+                mean, std = metrics.mean_std(values)
+                cells.append(f"{mean:>9.2f} ±{std:>5.2f}")
+            else:
+                cells.append(f"{'-':>16}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    return "\n".join(lines)
