@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from camu_jax import metrics
 from camu_jax import methods as registry
+from camu_jax import metrics
 from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
 from camu_jax.evaluation import evaluate
@@ -65,28 +65,51 @@ def compare(
         zip(
             unique_seeds,
             train_population(
-                model, start, data=train, items=[np.arange(train.size)] * len(start),
-                seeds=unique_seeds, config=train_config, desc="original", **kw,
+                model,
+                start,
+                data=train,
+                items=[np.arange(train.size)] * len(start),
+                seeds=unique_seeds,
+                config=train_config,
+                desc="original",
+                **kw,
             ),
             strict=True,
         )
     )
     models = {"original": [originals[s] for s in seeds]}
     models["retrain"] = train_population(
-        model, [init_variables(model, jax.random.key(s), train.input_shape) for s in seeds],
-        data=train, items=[sp.remain for sp in splits], seeds=seeds, config=train_config,
-        desc="retrain", **kw,
+        model,
+        [init_variables(model, jax.random.key(s), train.input_shape) for s in seeds],
+        data=train,
+        items=[sp.remain for sp in splits],
+        seeds=seeds,
+        config=train_config,
+        desc="retrain",
+        **kw,
     )
     for m in configs:
         models[m.name] = run_population(
-            m, model, [v for v, _ in models["original"]], data=train, splits=splits,
-            seeds=seeds, num_classes=num_classes, **kw,
+            m,
+            model,
+            [v for v, _ in models["original"]],
+            data=train,
+            splits=splits,
+            seeds=seeds,
+            num_classes=num_classes,
+            **kw,
         )
     out = [{"seed": s, "methods": {}} for s in seeds]
     for name, results in models.items():
         scores = evaluate(
-            model, [v for v, _ in results], train=train, test=test, splits=splits,
-            forget_classes=forget_classes, seeds=seeds, population_size=population_size,
+            model,
+            [v for v, _ in results],
+            train=train,
+            test=test,
+            splits=splits,
+            forget_classes=forget_classes,
+            seeds=seeds,
+            population_size=population_size,
         )
         for run, s, (_, info) in zip(out, scores, results, strict=True):
             run["methods"][name] = {**s, "seconds": info["seconds"]}
@@ -94,20 +117,32 @@ def compare(
         ms = run["methods"]
         for name, r in ms.items():
             r["avg_gap"] = metrics.avg_gap(r, ms["retrain"], keys=GAP_KEYS)
-            r["rte"] = None if name == "original" else metrics.rte(
-                retrain_seconds=ms["retrain"]["seconds"], unlearn_seconds=r["seconds"]
+            r["rte"] = (
+                None
+                if name == "original"
+                else metrics.rte(
+                    retrain_seconds=ms["retrain"]["seconds"], unlearn_seconds=r["seconds"]
+                )
             )
     if relearning:
         names = [m.name for m in configs] + ["retrain"]
         which = [(n, i) for n in names for i in range(len(splits))]
         curves = relearn(
-            model, [models[n][i][0] for n, i in which], data=train,
-            splits=[splits[i] for _, i in which], seeds=[seeds[i] for _, i in which],
-            config=RelearnConfig(train=TrainConfig(
-                epochs=1, batch_size=train_config.batch_size,
-                learning_rate=train_config.learning_rate, weight_decay=train_config.weight_decay,
-            )),
-            population_size=population_size, progress=progress,
+            model,
+            [models[n][i][0] for n, i in which],
+            data=train,
+            splits=[splits[i] for _, i in which],
+            seeds=[seeds[i] for _, i in which],
+            config=RelearnConfig(
+                train=TrainConfig(
+                    epochs=1,
+                    batch_size=train_config.batch_size,
+                    learning_rate=train_config.learning_rate,
+                    weight_decay=train_config.weight_decay,
+                )
+            ),
+            population_size=population_size,
+            progress=progress,
         )
         for (n, i), curve in zip(which, curves, strict=True):
             out[i].setdefault("relearn", {})[n] = curve
