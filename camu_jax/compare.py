@@ -39,7 +39,7 @@ def compare(
     seeds: Sequence[int],
     methods: Sequence[str | Method] = ("camu",),
     forget_classes: Sequence[tuple[int, ...] | None] | None = None,
-    train_config: TrainConfig = TrainConfig(),
+    train_config: TrainConfig | None = None,
     num_classes: int | None = None,
     population_size: int | None = None,
     relearning: bool = False,
@@ -50,9 +50,12 @@ def compare(
     `'relearn': {name: curve}` with `relearning`).
 
     `forget_classes[i]` are run i's forgotten classes (class removal), or None (default: the
-    classes D_f holds only where D_f is whole classes, else None). Metrics: `evaluation.score`'s,
-    plus `avg_gap` (to Retrain over UA, RA, TA, MIA-efficacy), `seconds` and `rte`.
+    classes D_f holds only where D_f is whole classes, else None); `train_config` the recipe of
+    the original and retrained models (default the reference's, `TrainConfig()`). Metrics:
+    `evaluation.score`'s, plus `avg_gap` (to Retrain over UA, RA, TA, MIA-efficacy), `seconds`
+    and `rte`.
     """
+    train_config = TrainConfig() if train_config is None else train_config
     labels = train.host_labels
     num_classes = num_classes or int(labels.max()) + 1
     if forget_classes is None:
