@@ -4,7 +4,7 @@ baselines in JAX/Flax, run as populations of runs on one loop engine."""
 from camu_jax import methods
 from camu_jax.compare import compare, table
 from camu_jax.counterfactual import Counterfactuals, counterfactual_inputs, make_counterfactuals
-from camu_jax.data import DeviceData
+from camu_jax.data import DeviceData, ForgetSpec, make_splits
 from camu_jax.evaluation import evaluate, predict, predict_logits, score
 from camu_jax.losses import cross_entropy_mean, kl_sum, output_loss, representation_loss
 from camu_jax.models import apply_model, init_variables
@@ -30,6 +30,7 @@ __all__ = [
     "CamuState",
     "Counterfactuals",
     "DeviceData",
+    "ForgetSpec",
     "RelearnConfig",
     "TrainConfig",
     "TrainState",
@@ -46,6 +47,7 @@ __all__ = [
     "init_variables",
     "kl_sum",
     "make_counterfactuals",
+    "make_splits",
     "methods",
     "output_loss",
     "predict",
