@@ -26,7 +26,25 @@ from matplotlib.figure import Figure
 from camu_jax.metrics import mean_std
 
 METHOD_ORDER = ("original", "retrain", "camu")
-METHOD_NAMES = {"original": "Original", "retrain": "Retrain", "camu": "CaMU"}
+METHOD_NAMES = {
+    "original": "Original",
+    "retrain": "Retrain",
+    "camu": "CaMU",
+    "ft": "FT",
+    "ga": "GA",
+    "neggrad_plus": "NegGrad+",
+    "rl": "RL",
+    "amnesiac": "Amnesiac",
+    "l1_sparse": "l1-sparse",
+    "salun": "SalUn",
+    "boundary_shrink": "Boundary shrink",
+    "boundary_expand": "Boundary expand",
+    "unsir": "UNSIR",
+    "bad_teacher": "Bad Teacher",
+    "scrub": "SCRUB",
+    "ssd": "SSD",
+    "unrolling": "Unrolling SGD",
+}
 # Preferred column order; unknown numeric keys follow, sorted.
 METRIC_ORDER = (
     "UA",
