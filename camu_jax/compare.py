@@ -117,16 +117,7 @@ def compare(
         for run, s, (_, info) in zip(out, scores, results, strict=True):
             run["methods"][name] = {**s, "seconds": info["seconds"]}
     for run in out:
-        ms = run["methods"]
-        for name, r in ms.items():
-            r["avg_gap"] = metrics.avg_gap(r, ms["retrain"], keys=GAP_KEYS)
-            r["rte"] = (
-                None
-                if name == "original"
-                else metrics.rte(
-                    retrain_seconds=ms["retrain"]["seconds"], unlearn_seconds=r["seconds"]
-                )
-            )
+        metrics.add_gaps(run["methods"], GAP_KEYS)
     if relearning:
         names = [m.name for m in configs] + ["retrain"]
         which = [(n, i) for n in names for i in range(len(splits))]

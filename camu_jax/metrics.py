@@ -326,6 +326,21 @@ def avg_gap(
     return float(np.mean([abs(float(scores[k]) - float(retrain_scores[k])) for k in keys]))
 
 
+def add_gaps(methods: dict[str, dict], keys: Iterable[str] = ("UA", "RA", "TA", "mia_efficacy")):
+    """Adds `avg_gap` (to `methods["retrain"]` over `keys`) and `rte` (retrain seconds / the
+    method's `seconds`; None for `original`) to every method's metrics of one run, in place."""
+    keys = tuple(keys)
+    retrain = methods["retrain"]
+    for name, r in methods.items():
+        r["avg_gap"] = avg_gap(r, retrain, keys=keys)
+        r["rte"] = (
+            None
+            if name == "original"
+            else rte(retrain_seconds=retrain["seconds"], unlearn_seconds=r["seconds"])
+        )
+    return methods
+
+
 def rte(*, retrain_seconds: float, unlearn_seconds: float) -> float:
     """Run-time efficiency as a speed-up: ``retrain_seconds / unlearn_seconds`` (> 1 = faster
     than retraining). SalUn reports RTE as minutes; this ratio is independent of the hardware."""

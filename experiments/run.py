@@ -359,16 +359,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     results_runs = []
     for i, run in enumerate(runs):
         entries = {m: {**scores[m][i], "seconds": seconds[m][i]} for m in methods}
-        keys = ("UA", "RA", "TA", "mia_efficacy")
-        for m, r in entries.items():
-            r["avg_gap"] = metrics.avg_gap(r, entries["retrain"], keys=keys)
-            r["rte"] = (
-                None
-                if m == "original"
-                else metrics.rte(
-                    retrain_seconds=seconds["retrain"][i], unlearn_seconds=r["seconds"]
-                )
-            )
+        metrics.add_gaps(entries)
         for name, out in unlearned.items():
             info = out[i][1]
             entries[name]["construct_seconds"] = info["construct_seconds"]
