@@ -112,10 +112,15 @@ def test_ssd_member_equals_sequential_float64(f64, mode):
         bound, margin, selected = ssd_bound(theta0, i_f, i_d, alpha, lam, 2 * DELTA_I)
         diff = np.abs(z[f"{mode}_params_{i}"] - seq)
         assert np.all(diff <= bound), (i, float(np.max(diff - bound)))
-        # Not vacuous: SSD moved its selected parameters far beyond the bound.
+        # Not vacuous: SSD moves its selected parameters far beyond their bounds (a selected
+        # parameter with I_f barely above the margin has a wide w interval, so compare the
+        # typical one and the most moved one).
         assert selected.any() and not selected.all()
-        moved = np.max(np.abs(seq - theta0))
-        assert moved > 1000 * np.max(bound[~margin])
+        moved = np.abs(seq - theta0)
+        typical = selected & ~margin
+        assert np.median(moved[typical]) > 1000 * np.median(bound[typical])
+        k = np.argmax(moved)
+        assert moved[k] > 1000 * bound[k]
 
 
 def test_ssd_importances_equal_the_official_loop(f64):
