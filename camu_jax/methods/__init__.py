@@ -10,11 +10,15 @@ from __future__ import annotations
 from camu_jax.methods.base import MemberContext, Method, Stage, run_population
 from camu_jax.methods.camu import CamuConfig, camu_preset
 from camu_jax.methods.finetune import FineTune, GradientAscent, LossMethod
+from camu_jax.methods.ssd import SSD
+from camu_jax.methods.unrolling import UnrollingSGD
 
 REGISTRY: dict[str, type[Method]] = {
     "camu": CamuConfig,
     "ft": FineTune,
     "ga": GradientAscent,
+    "ssd": SSD,
+    "unrolling": UnrollingSGD,
 }
 
 
@@ -37,6 +41,8 @@ __all__ = [
     "FineTune",
     "GradientAscent",
     "LossMethod",
+    "SSD",
+    "UnrollingSGD",
     "MemberContext",
     "Method",
     "Stage",
