@@ -79,7 +79,8 @@ class ExperimentConfig:
 
     def method_configs(self) -> dict:
         """`{name: config}` of every method of the study: CaMU's is `camu_config()`; the others
-        their defaults with the run's batch size (`--batch-size` is every phase's batch)."""
+        their defaults with the run's batch size (`--batch-size` is every training phase's
+        batch; a method whose batch defines a statistic, like SSD's, keeps its own)."""
         import dataclasses as dc
 
         from camu_jax import methods
@@ -89,7 +90,10 @@ class ExperimentConfig:
             if name == "camu":
                 out[name] = self.camu_config()
             else:
-                out[name] = dc.replace(methods.get(name), batch_size=self.batch_size)
+                method = methods.get(name)
+                if method.follows_run_batch:
+                    method = dc.replace(method, batch_size=self.batch_size)
+                out[name] = method
         return out
 
     def forget_specs(self) -> list[tuple[tuple[int, ...] | None, ForgetSpec]]:
