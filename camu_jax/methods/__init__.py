@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from camu_jax.methods.base import MemberContext, Method, Stage, run_population
 from camu_jax.methods.camu import CamuConfig, camu_preset
-from camu_jax.methods.finetune import FineTune, GradientAscent, LossMethod
+from camu_jax.methods.finetune import FineTune, GradientAscent, L1Sparse, LossMethod, NegGradPlus
+from camu_jax.methods.relabel import Amnesiac, RandomLabels
+from camu_jax.methods.salun import SalUn
 
 REGISTRY: dict[str, type[Method]] = {
     "camu": CamuConfig,
     "ft": FineTune,
     "ga": GradientAscent,
+    "neggrad_plus": NegGradPlus,
+    "rl": RandomLabels,
+    "amnesiac": Amnesiac,
+    "l1_sparse": L1Sparse,
+    "salun": SalUn,
 }
 
 
@@ -33,10 +40,15 @@ def get(name: str, **overrides) -> Method:
 
 __all__ = [
     "REGISTRY",
+    "Amnesiac",
     "CamuConfig",
     "FineTune",
     "GradientAscent",
+    "L1Sparse",
     "LossMethod",
+    "NegGradPlus",
+    "RandomLabels",
+    "SalUn",
     "MemberContext",
     "Method",
     "Stage",
