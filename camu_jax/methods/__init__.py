@@ -8,15 +8,30 @@ default config (its paper's or official code's settings for these models).
 from __future__ import annotations
 
 from camu_jax.methods.base import MemberContext, Method, Stage, run_population
+from camu_jax.methods.boundary import BoundaryExpand, BoundaryShrink
 from camu_jax.methods.camu import CamuConfig, camu_preset
-from camu_jax.methods.finetune import FineTune, GradientAscent, LossMethod
+from camu_jax.methods.finetune import FineTune, GradientAscent, L1Sparse, LossMethod, NegGradPlus
+from camu_jax.methods.relabel import Amnesiac, RandomLabels
+from camu_jax.methods.salun import SalUn
 from camu_jax.methods.ssd import SSD
+from camu_jax.methods.teachers import BadTeacher, Scrub
 from camu_jax.methods.unrolling import UnrollingSGD
+from camu_jax.methods.unsir import Unsir
 
 REGISTRY: dict[str, type[Method]] = {
     "camu": CamuConfig,
     "ft": FineTune,
     "ga": GradientAscent,
+    "neggrad_plus": NegGradPlus,
+    "rl": RandomLabels,
+    "boundary_shrink": BoundaryShrink,
+    "boundary_expand": BoundaryExpand,
+    "amnesiac": Amnesiac,
+    "unsir": Unsir,
+    "bad_teacher": BadTeacher,
+    "scrub": Scrub,
+    "salun": SalUn,
+    "l1_sparse": L1Sparse,
     "ssd": SSD,
     "unrolling": UnrollingSGD,
 }
@@ -37,15 +52,25 @@ def get(name: str, **overrides) -> Method:
 
 __all__ = [
     "REGISTRY",
+    "SSD",
+    "Amnesiac",
+    "BadTeacher",
+    "BoundaryExpand",
+    "BoundaryShrink",
     "CamuConfig",
     "FineTune",
     "GradientAscent",
+    "L1Sparse",
     "LossMethod",
-    "SSD",
-    "UnrollingSGD",
     "MemberContext",
     "Method",
+    "NegGradPlus",
+    "RandomLabels",
+    "SalUn",
+    "Scrub",
     "Stage",
+    "UnrollingSGD",
+    "Unsir",
     "camu_preset",
     "get",
     "names",
