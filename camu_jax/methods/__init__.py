@@ -8,13 +8,21 @@ default config (its paper's or official code's settings for these models).
 from __future__ import annotations
 
 from camu_jax.methods.base import MemberContext, Method, Stage, run_population
+from camu_jax.methods.boundary import BoundaryExpand, BoundaryShrink
 from camu_jax.methods.camu import CamuConfig, camu_preset
 from camu_jax.methods.finetune import FineTune, GradientAscent, LossMethod
+from camu_jax.methods.teachers import BadTeacher, Scrub
+from camu_jax.methods.unsir import Unsir
 
 REGISTRY: dict[str, type[Method]] = {
     "camu": CamuConfig,
     "ft": FineTune,
     "ga": GradientAscent,
+    "boundary_shrink": BoundaryShrink,
+    "boundary_expand": BoundaryExpand,
+    "unsir": Unsir,
+    "bad_teacher": BadTeacher,
+    "scrub": Scrub,
 }
 
 
@@ -33,13 +41,18 @@ def get(name: str, **overrides) -> Method:
 
 __all__ = [
     "REGISTRY",
+    "BadTeacher",
+    "BoundaryExpand",
+    "BoundaryShrink",
     "CamuConfig",
     "FineTune",
     "GradientAscent",
     "LossMethod",
     "MemberContext",
     "Method",
+    "Scrub",
     "Stage",
+    "Unsir",
     "camu_preset",
     "get",
     "names",
