@@ -1,0 +1,213 @@
+"""UNSIR (Tarun, Chundawat, Mandal, Kankanhalli, "Fast Yet Effective Machine Unlearning", IEEE
+TNNLS 2023, arXiv 2111.08947; official notebook `vikram2000b/Fast-Machine-Unlearning`,
+`Machine Unlearning.ipynb`): error-maximising noise, then impair and repair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from camu_jax import engine, sharding
+from camu_jax.methods.base import Method, Stage, stream_batch
+from camu_jax.methods.finetune import LossState, ce, forward
+from camu_jax.methods.mixing import merge, per_class_subset, union_plan, variables_of
+from camu_jax.steps import adam_l2, apply_model
+
+_NOISE_TAG = 0x0315
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsir(Method):
+    """UNSIR: learn *error-maximising noise* for the forgotten labels against the frozen
+    original, then **impair** (one epoch, Adam lr 0.02, on the shuffled union of the noise,
+    repeated, and a small subset of D_r) and **repair** (one epoch, Adam lr 0.01, on the D_r
+    subset alone).
+
+    Noise (official notebook): a batch of `noise_size` (256) inputs, N(0, 1) in the model's
+    normalised input space, optimised by Adam (lr 0.1) for 5 epochs x 8 steps = 40 steps on
+    `-CE(f(noise), y) + 0.1 * mean_i ||noise_i||^2`; impair uses it repeated
+    `noise_repeats` (20) times; the D_r subset is 1000 items per remaining class; batches of
+    256. Done here in `prepare`, every member's noise at once (vmapped), against its frozen
+    original in train mode (BatchNorm on batch statistics, as the notebook's freshly loaded
+    model), the original's running statistics left alone.
+
+    Labels of the noise: slot j carries the label of a D_f item (a seeded draw cycling over
+    D_f). For class removal every slot carries the forgotten class (with several forgotten
+    classes, slots split in proportion to their D_f shares; the notebook learns 256 slots per
+    class and, by a slip (`class_num = 0`), labels every noise item 0). UNSIR is a
+    class-removal method: on random removal its noise carries D_f's label mix, so impair
+    degrades those classes as a whole and repair restores them; it does not target the items.
+
+    For the MNIST CNN the impair/repair learning rates are tuned (docs/methods.md, "unsir").
+    """
+
+    name = "unsir"
+
+    noise_size: int = 256
+    noise_steps: int = 40
+    noise_lr: float = 0.1
+    noise_weight: float = 0.1  # the lambda of the noise's L2 term
+    noise_repeats: int = 20
+    retain_per_class: int = 1000
+    impair_lr: float = 0.02
+    repair_lr: float = 0.01
+    impair_epochs: int = 1
+    repair_epochs: int = 1
+    batch_size: int = 256
+
+    def _nonneg(self):
+        return ("noise_weight",)
+
+    def member_arrays(self, ctx):
+        forget_labels = ctx.labels[ctx.forget]
+        order = ctx.rng(_NOISE_TAG).permutation(len(forget_labels))
+        slots = order[np.arange(self.noise_size) % len(order)]
+        key = jax.random.fold_in(jax.random.key(ctx.seed), _NOISE_TAG)
+        return {
+            "noise_y": forget_labels[slots].astype(np.int32),
+            "unsir_key": np.asarray(jax.random.key_data(key)),
+        }
+
+    def prepare(self, model, originals, data, host):
+        noise = error_maximising_noise(
+            model,
+            originals,
+            data,
+            host["noise_y"],
+            host["unsir_key"],
+            steps=self.noise_steps,
+            learning_rate=self.noise_lr,
+            weight=self.noise_weight,
+        )
+        return {"noise": noise}
+
+    def subset(self, ctx) -> np.ndarray:
+        """Positions in D_r of the impair/repair subset (fixed per run)."""
+        return per_class_subset(
+            ctx.rng(_NOISE_TAG, 1), ctx.labels[ctx.remain], self.retain_per_class
+        )
+
+    def impair_plan(self, ctx, epoch):
+        noise = np.tile(np.arange(self.noise_size), self.noise_repeats)
+        return union_plan(
+            ctx.rng(_NOISE_TAG, 2, epoch), {"noise": noise, "r": self.subset(ctx)}, self.batch_size
+        )
+
+    def repair_plan(self, ctx, epoch):
+        plan = union_plan(ctx.rng(_NOISE_TAG, 3, epoch), {"r": self.subset(ctx)}, self.batch_size)
+        # Same row layout as impair, so one program serves both stages.
+        plan["noise_ids"] = np.zeros_like(plan["r_ids"])
+        plan["noise_mask"] = np.zeros_like(plan["r_mask"])
+        return plan
+
+    def stages(self):
+        return (
+            Stage(
+                "impair",
+                functools.partial(_program, self, self.impair_lr),
+                self.impair_plan,
+                self.impair_epochs,
+            ),
+            Stage(
+                "repair",
+                functools.partial(_program, self, self.repair_lr),
+                self.repair_plan,
+                self.repair_epochs,
+            ),
+        )
+
+
+@functools.lru_cache(maxsize=16)
+def _noise_program(model, mesh, shape: tuple[int, ...], learning_rate: float, weight: float):
+    tx = adam_l2(learning_rate, 0.0)  # the notebook's Adam(lr): no weight decay
+
+    def loss(noise, variables, labels):
+        logits, _, _ = apply_model(
+            model, variables["params"], variables["batch_stats"], noise, train=True
+        )
+        sq = jnp.sum(jnp.square(noise), axis=tuple(range(1, noise.ndim)))
+        return -ce(logits, labels, jnp.ones_like(sq)) + weight * jnp.mean(sq)
+
+    def one(noise, opt_state, variables, labels):
+        grads = jax.grad(loss)(noise, variables, labels)
+        updates, opt_state = tx.update(grads, opt_state, noise)
+        return optax.apply_updates(noise, updates), opt_state
+
+    def start(key):
+        noise = jax.random.normal(jax.random.wrap_key_data(key), shape, jnp.result_type(float))
+        return noise, tx.init(noise)
+
+    vstep = jax.vmap(one, spmd_axis_name=sharding.MEMBER_AXIS)
+    vstart = jax.vmap(start, spmd_axis_name=sharding.MEMBER_AXIS)
+
+    def pin(tree):
+        return sharding.constrain_members(tree, mesh)
+
+    return (
+        jax.jit(lambda *a: pin(vstep(*a)), donate_argnums=(0, 1)),
+        jax.jit(lambda k: pin(vstart(k))),
+    )
+
+
+def error_maximising_noise(
+    model, originals, data, labels, keys, *, steps, learning_rate, weight
+) -> jax.Array:
+    """`[P, K, *input_shape]`: per member, K inputs (model input space) that maximise the
+    frozen original's cross-entropy with `labels` (`[P, K]`) under an L2 penalty `weight`:
+    Adam from N(0, 1) (seeded by `keys`, `[P]` key data) for `steps` full-batch steps."""
+    mesh = data.mesh
+    labels = np.asarray(labels, np.int32)
+    shape = (labels.shape[1], *data.input_shape)
+    step, start = _noise_program(model, mesh, shape, float(learning_rate), float(weight))
+    placed = sharding.shard_members({"keys": np.asarray(keys), "y": labels}, mesh)
+    noise, opt_state = start(placed["keys"])
+    sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
+    for _ in range(steps):
+        noise, opt_state = step(noise, opt_state, originals, placed["y"])
+        if sync:  # fake CPU devices can deadlock in a collective unless each call is waited for
+            jax.block_until_ready(noise)
+    return noise
+
+
+def _program(config: Unsir, learning_rate: float, model, spec, mesh) -> engine.Program:
+    tx = adam_l2(learning_rate, 0.0)  # the notebook's Adam(lr): no weight decay
+    make = stream_batch(config, spec, mesh)
+
+    def init(variables):
+        v = variables_of(variables)  # repair starts a fresh Adam, as the notebook
+        return LossState(
+            step=jnp.zeros((), jnp.int32),
+            params=v["params"],
+            batch_stats=v["batch_stats"],
+            opt_state=tx.init(v["params"]),
+        )
+
+    def make_batch(state, shared, member, row):
+        b = make(state, shared, member, row)
+        noise = {
+            "x": member["noise"][b["noise_ids"]],
+            "y": member["noise_y"][b["noise_ids"]],
+            "mask": b["noise_mask"],
+        }
+        return sharding.constrain_batch(merge([b["remain"], noise]), mesh)
+
+    def step(state, batch):
+        def loss_fn(params):
+            logits, _, bs = forward(model, params, state.batch_stats, batch)
+            return ce(logits, batch["y"], batch["mask"]), bs
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "finite": jnp.isfinite(loss)}
+        return state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        ), metrics
+
+    return engine.Program(init=init, step=step, make_batch=make_batch)
