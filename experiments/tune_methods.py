@@ -26,8 +26,7 @@ from camu_jax import methods, sharding
 from camu_jax.data import DeviceData, input_spec_for, load_dataset
 from camu_jax.data.splits import Splits
 from camu_jax.evaluation import predict
-from camu_jax.models import create_model
-from camu_jax.steps import init_variables
+from camu_jax.models import create_model, init_variables
 from camu_jax.training import TrainConfig, train_population
 
 # Per method: fixed overrides and the grid (learning rates x epochs x extra axes). Centred on

@@ -33,8 +33,7 @@ from camu_jax.methods.base import MemberContext
 from camu_jax.methods.finetune import NegGradPlus, l1_coefficient, l2_distance, loss_program
 from camu_jax.methods.relabel import Amnesiac, RandomLabels, union_plan
 from camu_jax.methods.salun import SalUn, saliency_mask, saliency_program
-from camu_jax.models import create_model
-from camu_jax.steps import init_variables
+from camu_jax.models import create_model, init_variables
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAD_ERROR = 2048 * 2.0**-52 * 10.0  # float64 error of one gradient element (module docstring)

@@ -29,8 +29,7 @@ from camu_jax.methods.base import MemberContext, member_keys
 from camu_jax.methods.boundary import adversarial_labels, embedding_width, fgsm_labels
 from camu_jax.methods.mixing import union_plan
 from camu_jax.methods.unsir import error_maximising_noise
-from camu_jax.models import CNN, create_model
-from camu_jax.steps import apply_model, init_variables
+from camu_jax.models import CNN, apply_model, create_model, init_variables
 from camu_jax.training import TrainConfig, train_population
 
 FORGET_DROP = 30.0

@@ -23,8 +23,7 @@ from camu_jax.data.pipeline import item_keys, preprocess
 from camu_jax.methods.base import Method, Stage, epoch_plan, stream_batch
 from camu_jax.methods.finetune import LossMethod, ce, forward, sgd
 from camu_jax.methods.mixing import variables_of
-from camu_jax.models import head_modules
-from camu_jax.steps import apply_model
+from camu_jax.models import apply_model, head_modules
 
 # Images per FGSM call over all members: bounds the activation memory of the input gradient.
 IMAGES_PER_CALL = 8192

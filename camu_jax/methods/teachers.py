@@ -26,7 +26,8 @@ from camu_jax.methods.mixing import (
     union_plan,
     variables_of,
 )
-from camu_jax.steps import adam_l2, apply_model, check_number, init_variables
+from camu_jax.models import apply_model, init_variables
+from camu_jax.steps import adam_l2, check_number
 
 _BAD_TAG = 0xBAD7
 _SCRUB_TAG = 0x5C2B

@@ -17,7 +17,8 @@ from camu_jax import engine, sharding
 from camu_jax.methods.base import Method, Stage, stream_batch
 from camu_jax.methods.finetune import LossState, ce, forward
 from camu_jax.methods.mixing import merge, per_class_subset, union_plan, variables_of
-from camu_jax.steps import adam_l2, apply_model
+from camu_jax.models import apply_model
+from camu_jax.steps import adam_l2
 
 _NOISE_TAG = 0x0315
 

@@ -24,8 +24,10 @@ from camu_jax import methods, sharding  # noqa: E402
 from camu_jax.data import ForgetSpec, input_spec_for, load_dataset, make_splits  # noqa: E402
 from camu_jax.data.pipeline import DeviceData  # noqa: E402
 from camu_jax.methods.unsir import error_maximising_noise  # noqa: E402
-from camu_jax.models import create_model  # noqa: E402
-from camu_jax.steps import init_variables  # noqa: E402
+from camu_jax.models import (
+    create_model,  # noqa: E402
+    init_variables,  # noqa: E402
+)
 
 SEEDS = (0, 1, 2)
 CLASSES = (0, 1, 2)
