@@ -78,23 +78,16 @@ class ExperimentConfig:
         return tuple(self.methods)
 
     def method_configs(self) -> dict:
-        """`{name: config}` of every method of the study: CaMU's is `camu_config()`; the others
-        their defaults with the run's batch size (`--batch-size` is every training phase's
-        batch; a method whose batch defines a statistic, like SSD's, keeps its own)."""
-        import dataclasses as dc
-
+        """`{name: config}` of every method of the study: CaMU's is `camu_config()` (it follows
+        `--batch-size`, as the reference's CaMU trains with the original's batch); every other
+        method its default config: its paper's or official code's settings, batch included
+        (`docs/methods.md`), which the tuning of `docs/methods.md` also used."""
         from camu_jax import methods
 
-        out = {}
-        for name in self.method_names():
-            if name == "camu":
-                out[name] = self.camu_config()
-            else:
-                method = methods.get(name)
-                if method.follows_run_batch:
-                    method = dc.replace(method, batch_size=self.batch_size)
-                out[name] = method
-        return out
+        return {
+            name: self.camu_config() if name == "camu" else methods.get(name)
+            for name in self.method_names()
+        }
 
     def forget_specs(self) -> list[tuple[tuple[int, ...] | None, ForgetSpec]]:
         """`(forgotten classes or None, spec)` for every forgetting run of one seed."""

@@ -89,9 +89,6 @@ class Method:
     name: ClassVar[str]
     batch_size: int
     fixed_augment: ClassVar[tuple[str, ...]] = ()  # streams augmented once per item
-    # Whether a study's `--batch-size` sets this method's batch (true for methods that train;
-    # false where the batch is part of a statistic's definition, e.g. SSD's importances).
-    follows_run_batch: ClassVar[bool] = True
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting."""

@@ -100,7 +100,6 @@ class SSD(Method):
     dampening constant, `batch_size` of the importance batches."""
 
     name = "ssd"
-    follows_run_batch = False  # the importances are defined over batches of 64 (official)
 
     alpha: float = 0.1  # MNIST CNN, tuned (official ResNet18: 10)
     lam: float = 0.01  # MNIST CNN, tuned (official ResNet18: 1)
