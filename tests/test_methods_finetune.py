@@ -47,12 +47,11 @@ FORGET_DROP = 50.0
 # is four of those, so a method that keeps the remaining classes (as retraining does) passes
 # and one that wrecks them (GA run too far ends near 11 %, chance) fails.
 REMAIN_BOUND = 10.0
-# Not asserted for the two ascent methods: -CE(D_f) is unbounded, and on digits no setting
-# tried takes D_f of both members down without one of them losing the remaining classes
-# (GA lr 1e-3: after 10 steps member 0 is still at 99 % on D_f, after 25 both models predict
-# one class; NegGrad+ lr 0.01-0.02: member 0 keeps D_f for 3 epochs, member 1 has lost the
-# remaining classes by then). docs/methods.md has the numbers.
-UNBOUNDED_ASCENT = ("ga", "neggrad_plus")
+# GA alone: no digits setting takes D_f of both members down before one of them loses the
+# remaining classes (seed 0's class 0 resists ascent until the model collapses; the scan is in
+# tests/multidevice/methods_finetune_population.py). Its test: D_f accuracy falls for every
+# member, by FORGET_DROP for at least one, and every member keeps REMAIN_BOUND.
+ONE_MEMBER_DROP = ("ga",)
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +89,15 @@ def test_member_equals_sequential_float64(report, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_forgets_the_class_and_keeps_the_others(report, name):
-    for i, (after, before) in enumerate(
-        zip(report[name]["accuracy"], report["original"], strict=True)
-    ):
-        assert after["forget_train"] <= before["forget_train"] - FORGET_DROP, (name, i, after)
-        if name not in UNBOUNDED_ASCENT:
-            assert after["test_remain"] >= before["test_remain"] - REMAIN_BOUND, (name, i, after)
+    pairs = list(zip(report[name]["accuracy"], report["original"], strict=True))
+    drops = [before["forget_train"] - after["forget_train"] for after, before in pairs]
+    for i, (after, before) in enumerate(pairs):
+        assert after["test_remain"] >= before["test_remain"] - REMAIN_BOUND, (name, i, after)
+        if name in ONE_MEMBER_DROP:
+            assert drops[i] > 0, (name, i, after, before)
+        else:
+            assert drops[i] >= FORGET_DROP, (name, i, after, before)
+    assert max(drops) >= FORGET_DROP, (name, drops)
 
 
 # ------------------------------------------------------------------ host-side pieces
