@@ -66,7 +66,7 @@ def original_weights(seed: int = 0):
     import jax
 
     from camu_jax.models import create_model
-    from camu_jax.steps import init_variables
+    from camu_jax.models import init_variables
     from experiments.pytorch_reference import models
     from experiments.pytorch_reference.convert import flax_to_torch
 

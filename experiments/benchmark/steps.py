@@ -65,7 +65,8 @@ class JaxStepRunner:
         import jax.numpy as jnp
 
         from camu_jax.models import create_model
-        from camu_jax.steps import adam_l2, apply_model, camu_step, init_camu_state, init_variables
+        from camu_jax.models import apply_model, init_variables
+        from camu_jax.steps import adam_l2, camu_step, init_camu_state
 
         model = create_model(name, num_classes=NUM_CLASSES)
         self.teacher = init_variables(model, jax.random.key(seed), shape)
