@@ -180,8 +180,7 @@ def test_pytorch_cnn_takes_digits_images():
     import jax
     import torch
 
-    from camu_jax.models import create_model
-    from camu_jax.models import init_variables
+    from camu_jax.models import create_model, init_variables
     from experiments.pytorch_reference import models
     from experiments.pytorch_reference.convert import flax_to_torch
 

@@ -65,8 +65,7 @@ def original_weights(seed: int = 0):
     `(flax variables, torch state_dict)`."""
     import jax
 
-    from camu_jax.models import create_model
-    from camu_jax.models import init_variables
+    from camu_jax.models import create_model, init_variables
     from experiments.pytorch_reference import models
     from experiments.pytorch_reference.convert import flax_to_torch
 

@@ -59,8 +59,7 @@ def memory_worker(side: str, payload: Path, epochs: int) -> dict:
         import jax
 
         from camu_jax.data.splits import Splits
-        from camu_jax.models import create_model
-        from camu_jax.models import init_variables
+        from camu_jax.models import create_model, init_variables
         from experiments.benchmark.end_to_end import JaxEndToEnd
 
         out["rss_after_import_mb"] = _peak_rss_mb()

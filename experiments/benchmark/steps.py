@@ -64,8 +64,7 @@ class JaxStepRunner:
         import jax
         import jax.numpy as jnp
 
-        from camu_jax.models import create_model
-        from camu_jax.models import apply_model, init_variables
+        from camu_jax.models import apply_model, create_model, init_variables
         from camu_jax.steps import adam_l2, camu_step, init_camu_state
 
         model = create_model(name, num_classes=NUM_CLASSES)
