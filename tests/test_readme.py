@@ -91,3 +91,13 @@ def test_readme_table_is_what_the_main_job_prints(tmp_path):
 
 def test_readme_names_the_test_command():
     assert "python -m pytest -q" in README.read_text()
+
+
+def test_readme_lists_every_registered_method():
+    """The README's methods table names exactly the registry's methods, in its order."""
+    from camu_jax import methods
+
+    text = README.read_text()
+    block = text[text.index("| `--methods` name |") :].split("\n\n")[0]
+    listed = re.findall(r"^\| `(\w+)` \|", block, re.M)
+    assert tuple(listed) == methods.names()
