@@ -251,8 +251,11 @@ def population_size(
     fit = int(0.8 * free * sharding.member_devices(mesh) // max(need, 1.0))
     chosen = max(sharding.member_devices(mesh), min(size, fit))
     chosen = wave_size(chosen, count, mesh)
+    waves = -(-count // chosen)
+    padded = f", padded to {chosen} for {sharding.member_devices(mesh)} devices" * (chosen > count)
     log(
-        f"population{' of ' + what if what else ''}: {chosen} of {count} members per wave "
+        f"population{' of ' + what if what else ''}: {count} members in {waves} "
+        f"wave{'s' * (waves > 1)} of {chosen}{padded} "
         f"({need / 2**20:.1f} MiB each, {free / 2**30:.1f} GiB free per device)"
     )
     return chosen
