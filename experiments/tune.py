@@ -52,9 +52,8 @@ GRIDS = {
 }
 
 
-def settings(name: str) -> list[dict]:
-    """Every setting of `name`'s grid, in grid order, as config overrides."""
-    grid = GRIDS[name]
+def settings(grid: dict) -> list[dict]:
+    """Every setting of a grid, in grid order."""
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
@@ -98,11 +97,21 @@ def main(argv=None) -> int:
     p.add_argument("--original-epochs", type=int, default=5)
     p.add_argument("--cache", default="/tmp/camu_tune", help="folder of trained originals")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--grid",
+        default="{}",
+        help='JSON replacing grids, e.g. \'{"ga": {"learning_rate": [0.003], "epochs": [1]}}\'',
+    )
     args = p.parse_args(argv)
+    try:
+        grids = {**GRIDS, **json.loads(args.grid)}
+    except json.JSONDecodeError as e:
+        print(f"error: --grid is not JSON ({e}): {args.grid!r}", file=sys.stderr)
+        return 2
     names = list(GRIDS) if args.methods == ["all"] else args.methods
-    unknown = [m for m in names if m not in GRIDS]
+    unknown = [m for m in names if m not in grids]
     if unknown:
-        print(f"error: no grid for {unknown}; known: {', '.join(GRIDS)}", file=sys.stderr)
+        print(f"error: no grid for {unknown}; known: {', '.join(grids)}", file=sys.stderr)
         return 2
 
     import jax
@@ -180,7 +189,7 @@ def main(argv=None) -> int:
         mine = []
         if method_name == "ssd":
             exposed, _ = run(SSDWithImportances())
-        for setting in settings(method_name):
+        for setting in settings(grids[method_name]):
             row = {"method": method_name, "setting": setting}
             try:
                 if method_name == "ssd":
@@ -221,7 +230,7 @@ def main(argv=None) -> int:
                     "val": int(val.size),
                 },
                 "reference": reference,
-                "grids": {m: GRIDS[m] for m in names},
+                "grids": {m: grids[m] for m in names},
                 "rows": rows,
                 "chosen": chosen,
             },
