@@ -185,6 +185,34 @@ def main(argv=None) -> int:
 
     print(json.dumps({"reference": reference}), flush=True)
     rows, chosen = [], {}
+
+    def write() -> None:  # after every method: a killed run keeps what it finished
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "command": "python -m experiments.tune " + " ".join(argv or sys.argv[1:]),
+                    "dataset": args.dataset,
+                    "forget_class": args.forget_class,
+                    "seed": args.seed,
+                    "original_epochs": args.original_epochs,
+                    "sizes": {
+                        "forget": int(forget.size),
+                        "remain": int(splits.remain.size),
+                        "val": int(val.size),
+                    },
+                    "reference": reference,
+                    "grids": {m: grids[m] for m in chosen},
+                    "rows": rows,
+                    "chosen": chosen,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+        tmp.replace(args.out)
+
     for method_name in names:
         mine = []
         if method_name == "ssd":
@@ -214,30 +242,8 @@ def main(argv=None) -> int:
             best = {**best, "end_to_end": scores(run(SSD(**best["setting"]))[0])}
         chosen[method_name] = best
         print(json.dumps({"chosen": best}), flush=True)
+        write()
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "command": "python -m experiments.tune " + " ".join(argv or sys.argv[1:]),
-                "dataset": args.dataset,
-                "forget_class": args.forget_class,
-                "seed": args.seed,
-                "original_epochs": args.original_epochs,
-                "sizes": {
-                    "forget": int(forget.size),
-                    "remain": int(splits.remain.size),
-                    "val": int(val.size),
-                },
-                "reference": reference,
-                "grids": {m: grids[m] for m in names},
-                "rows": rows,
-                "chosen": chosen,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
     return 0
 
 
