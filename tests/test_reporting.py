@@ -100,13 +100,13 @@ def test_random_removal_without_relearning(results, tmp_path):
         run["forget_class"] = None
         run.pop("relearn")
         run["methods"]["camu"]["test_forget_acc"] = None
-        run["methods"]["salun"] = dict(run["methods"]["camu"])  # a later, unknown method
+        run["methods"]["my_method"] = dict(run["methods"]["camu"])  # a method reporting does not know
     written = reporting.build_reports(results, tmp_path)
     assert "relearning.png" not in {p.name for p in written}
     assert _is_png(tmp_path / "per_class_accuracy.png")
     md = (tmp_path / "results.md").read_text()
-    assert "Per forgotten class" not in md and "| salun |" in md
-    assert md.index("| CaMU |") < md.index("| salun |")
+    assert "Per forgotten class" not in md and "| my_method |" in md
+    assert md.index("| CaMU |") < md.index("| my_method |")
 
 
 def test_build_reports_rejects_bad_layout(tmp_path):
