@@ -84,3 +84,45 @@ def test_readme_table_is_what_the_main_job_prints(tmp_path):
 
 def test_readme_names_the_test_command():
     assert "python -m pytest -q" in README.read_text()
+
+
+def test_documented_step_signatures_match_the_code():
+    """The README's signatures of the steps are the code's: parameter names and what
+    `eval_step` returns (issue 8, item 15: it was documented as `(state, batch) -> (state,
+    metrics)`)."""
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+
+    from camu_jax import steps
+    from camu_jax.models import create_model
+
+    text = " ".join(README.read_text().split())
+    pair = re.search(r"`train_step` and `camu_step`, each `\(([^)]*)\) -> \(([^)]*)\)`", text)
+    assert pair, "README no longer documents train_step/camu_step as (state, batch) -> ..."
+    for fn in (steps.train_step, steps.camu_step):
+        positional = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD
+        ]
+        assert positional == [s.strip() for s in pair.group(1).split(",")], fn.__name__
+    ev = re.search(r"`eval_step`, `\(([^)]*)\) -> dict` of ((?:`\w+`(?:, | and )?)+)", text)
+    assert ev, "README does not document eval_step as `(...) -> dict` of its keys"
+    positional = [
+        p.name
+        for p in inspect.signature(steps.eval_step).parameters.values()
+        if p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    assert positional == [s.strip() for s in ev.group(1).split(",")]
+    model = create_model("cnn", num_classes=10)
+    variables = steps.init_variables(model, jax.random.key(0), (28, 28, 1))
+    batch = {
+        "image": jnp.zeros((4, 28, 28, 1)),
+        "label": jnp.zeros((4,), jnp.int32),
+        "mask": jnp.ones((4,)),
+    }
+    out = steps.eval_step(variables, batch, model=model)
+    assert isinstance(out, dict)
+    assert set(out) == set(re.findall(r"`(\w+)`", ev.group(2)))
