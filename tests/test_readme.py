@@ -101,3 +101,37 @@ def test_readme_lists_every_registered_method():
     block = text[text.index("| `--methods` name |") :].split("\n\n")[0]
     listed = re.findall(r"^\| `(\w+)` \|", block, re.M)
     assert tuple(listed) == methods.names()
+
+
+def test_documented_step_signatures_match_the_code():
+    """The README's signatures of the steps are the code's (issue 8, item 15: `eval_step` was
+    documented as `(state, batch) -> (state, metrics)`), and every `camu_jax.<module>.<name>`
+    the README names exists."""
+    import importlib
+    import inspect
+
+    from camu_jax import steps
+
+    text = " ".join(README.read_text().split())
+    pair = re.search(r"`train_step` and `camu_step`, each `\(([^)]*)\) -> \(([^)]*)\)`", text)
+    assert pair, "README no longer documents train_step/camu_step as (state, batch) -> ..."
+    for fn in (steps.train_step, steps.camu_step):
+        positional = [
+            p.name
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD
+        ]
+        assert positional == [s.strip() for s in pair.group(1).split(",")], fn.__name__
+    names = set(re.findall(r"`(camu_jax(?:\.\w+)+)`", text))
+    assert len(names) > 10
+    for dotted in sorted(names):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError:
+                continue
+            for attr in parts[cut:]:
+                assert hasattr(obj, attr), f"README names {dotted}, which does not exist"
+                obj = getattr(obj, attr)
+            break
