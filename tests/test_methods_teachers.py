@@ -121,10 +121,11 @@ def test_forgets_and_keeps_the_rest(digits, name):
     assert jax.tree.map(np.shape, out[0][0]) == shapes
 
 
-def test_registered_with_official_defaults():
-    assert methods.get("boundary_shrink").learning_rate == 1e-5
-    assert methods.get("boundary_expand").epochs == 10
-    assert methods.get("unsir").impair_lr == 0.02
+def test_registered_with_official_defaults_where_not_tuned():
+    # The tuned settings (learning rates, epochs) are checked against the tuning records in
+    # tests/test_method_defaults.py; these are the official values the tuning left alone.
+    assert methods.get("boundary_shrink").bound == 0.1
+    assert methods.get("unsir").noise_steps == 40 and methods.get("unsir").noise_repeats == 20
     assert methods.get("bad_teacher").retain_fraction == 0.3
     assert methods.get("scrub").msteps == 2
     for name in TEST_CONFIGS:

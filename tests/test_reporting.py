@@ -100,7 +100,7 @@ def test_random_removal_without_relearning(results, tmp_path):
         run["forget_class"] = None
         run.pop("relearn")
         run["methods"]["camu"]["test_forget_acc"] = None
-        run["methods"]["my_method"] = dict(run["methods"]["camu"])  # a method reporting does not know
+        run["methods"]["my_method"] = dict(run["methods"]["camu"])  # unknown to reporting
     written = reporting.build_reports(results, tmp_path)
     assert "relearning.png" not in {p.name for p in written}
     assert _is_png(tmp_path / "per_class_accuracy.png")
