@@ -165,3 +165,32 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "non-finite loss" in proc.stderr and "camu" in proc.stderr
     assert not (tmp_path / "wd" / "results.json").exists()
+
+
+def test_methods_flag_reports_every_method(tmp_path):
+    """`--methods`: each named method runs, is evaluated and relearned, and appears in
+    results.json (metrics, gaps to Retrain, RTE, run and compile seconds), results.csv,
+    results.md and the relearning plot beside original and retrain."""
+    names = ("camu", "ft", "ssd", "salun")
+    proc = run_main(
+        "--workdir", str(tmp_path), "--original-epochs", "1", "--methods", ",".join(names)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    (run,) = results["runs"]
+    assert set(run["methods"]) == {"original", "retrain", *names}
+    for name in names:
+        entry = run["methods"][name]
+        for key in (*METRICS, "avg_gap", "rte", "compile_seconds", "UA", "mia_efficacy"):
+            assert key in entry, (name, key)
+        assert entry["seconds"] > 0 and entry["rte"] > 0
+        assert name in results["summary"] and name in run["relearn"]
+        assert name in results["method_configs"]
+    assert {p["phase"] for p in results["phases"]} >= {"original", "retrain", *names}
+    csv_text = (tmp_path / "results.csv").read_text()
+    md = (tmp_path / "results.md").read_text()
+    for shown in ("CaMU", "FT", "SSD", "SalUn"):
+        assert shown in md, shown
+    for name in names:
+        assert name in csv_text, name
+    assert (tmp_path / "relearning.png").exists() and (tmp_path / "per_class_accuracy.png").exists()
