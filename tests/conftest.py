@@ -1,8 +1,14 @@
 """Shared pytest fixtures."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Real datasets for offline work live beside the checkout (see ../shared/data/README.md).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -17,3 +23,26 @@ def shared_data() -> Path:
             "checkout as ../shared/data; on a dev machine copy or link it there)"
         )
     return SHARED_DATA
+
+
+def _run_script(name: str, *args, env: dict | None = None, timeout: int = 1500) -> dict:
+    """Runs `tests/multidevice/<name>` in its own CPU process (the checkout first on the path;
+    `env` adds variables, e.g. XLA_FLAGS for fake devices) and returns the JSON object its last
+    stdout line holds."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "multidevice" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **(env or {})},
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """`run_script(name, *args, env=None, timeout=1500) -> dict`: a tests/multidevice script's
+    JSON report (`_run_script`)."""
+    return _run_script

@@ -15,10 +15,6 @@ more than 1000 times its bound, so the bound still tells a member that saw anoth
 data (or labels) from one that did not.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -55,18 +51,8 @@ ONE_MEMBER_DROP = ("ga",)
 
 
 @pytest.fixture(scope="module")
-def report():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multidevice" / "methods_finetune_population.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1500,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def report(run_script):
+    return run_script("methods_finetune_population.py")
 
 
 def step_error(name: str, config: dict) -> float:

@@ -25,10 +25,6 @@ bound, so the bound still tells a member that saw another member's data (a diffe
 order lr per step) from one that did not.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,18 +60,8 @@ METHODS = ["boundary_shrink", "boundary_expand", "unsir", "bad_teacher", "scrub"
 
 
 @pytest.fixture(scope="module")
-def report():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multidevice" / "methods_population_b.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1500,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def report(run_script):
+    return run_script("methods_population_b.py")
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -28,10 +28,6 @@ CNN's 8x8 maps), n <= 2048 for Unrolling's batches of 32, so
   <= |D_f| * G.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -68,19 +64,9 @@ REMAIN_DROP = 10.0
 
 
 @pytest.fixture(scope="module")
-def f64(tmp_path_factory):
+def f64(tmp_path_factory, run_script):
     npz = tmp_path_factory.mktemp("ssd") / "ssd.npz"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multidevice" / "population_ssd_unrolling.py"), npz],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1500,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), dict(np.load(npz))
+    return run_script("population_ssd_unrolling.py", npz), dict(np.load(npz))
 
 
 def ssd_bound(theta0, i_f, i_d, alpha, lam, delta):

@@ -13,10 +13,6 @@ K times that: 4.5e-7 * K. The runs move every parameter set by ~1e-2, so the bou
 tells a member that saw another member's data from one that did not.
 """
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -37,18 +33,8 @@ ADAM_STEP_ERROR = 4.5e-7  # per step, float64 (module docstring)
 
 
 @pytest.fixture(scope="module")
-def report():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multidevice" / "population.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1500,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def report(run_script):
+    return run_script("population.py")
 
 
 @pytest.mark.parametrize("phase", ["camu", "train"])

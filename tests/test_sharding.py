@@ -1,9 +1,5 @@
 """Sharded (8 fake CPU devices) == single device, in a separate process."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,23 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def report():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "PYTHONPATH": str(ROOT),
-        "JAX_PLATFORMS": "cpu",
-    }
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "multidevice" / "sharded_vs_single.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def report(run_script):
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return run_script("sharded_vs_single.py", env=flags, timeout=900)
 
 
 def test_eight_devices(report):
