@@ -205,11 +205,16 @@ class Engine:
             state, metrics = fn(*args)
             return state, sharding.fetch(metrics)
         _, _, _, on_device, _ = args
-        steps = next(iter(plan.values())).shape[1]
+        # Rows where some member has a real example; the others are skipped (computed once,
+        # not per step on the host).
+        masks = [
+            np.asarray(v).reshape(v.shape[0], v.shape[1], -1)
+            for k, v in plan.items()
+            if "mask" in k
+        ]
+        live = np.flatnonzero(np.any([m.any(axis=(0, 2)) for m in masks], axis=0))
         out = []
-        for j in range(steps):
-            if not any(np.any(v[:, j]) for k, v in plan.items() if "mask" in k):
-                continue  # no member has a real example in this row
+        for j in live:
             state, metrics = fn(state, shared, member, on_device, np.int32(j))
             if self.sync:
                 jax.block_until_ready(state)
