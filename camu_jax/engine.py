@@ -313,9 +313,23 @@ def check_finite(metrics: dict, names: Sequence[str], where: str, state=None) ->
 
     The last step of a chunk can turn the parameters non-finite while its loss, computed before
     the update, is still finite; the state check keeps such a state from being saved."""
+    bad = nonfinite_members(metrics, names, where, state)
+    if bad:
+        raise FloatingPointError(bad[min(bad)])
+
+
+def nonfinite_members(
+    metrics: dict, names: Sequence[str], where: str, state=None, skip=()
+) -> dict[int, str]:
+    """`{member: message}` for every member (outside `skip`) whose losses or state in a chunk's
+    host metrics are not finite: what `check_finite` raises, for callers that record a
+    diverged member and let the others go on."""
     finite = np.asarray(metrics["finite"], bool)
     state_finite = np.asarray(metrics["state_finite"], bool)
+    out = {}
     for m, name in enumerate(names):
+        if m in skip:
+            continue
         if finite.size and not finite[:, m].all():
             step = int(np.argmin(finite[:, m]))
             values = {
@@ -323,17 +337,18 @@ def check_finite(metrics: dict, names: Sequence[str], where: str, state=None) ->
                 for k, v in metrics.items()
                 if k not in ("finite", "active", "state_finite")
             }
-            raise FloatingPointError(
+            out[m] = (
                 f"non-finite loss {values} at {where} ({name}), step {step} of the chunk; "
                 "stopping before anything of this epoch is saved (lower the learning rate or "
                 "check the inputs)"
             )
-        if state_finite.size and not state_finite[:, m].all():
+        elif state_finite.size and not state_finite[:, m].all():
             leaf = "" if state is None else _first_nonfinite(state, m)
-            raise FloatingPointError(
+            out[m] = (
                 f"non-finite parameters at {where}: {name}{leaf}; stopping before anything of "
                 "this epoch is saved (lower the learning rate or check the inputs)"
             )
+    return out
 
 
 def _first_nonfinite(state, member: int) -> str:

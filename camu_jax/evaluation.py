@@ -304,18 +304,24 @@ class Scores:
     processes while the caller goes on (e.g. trains the next phase on the device); with one
     worker it has already run in this process."""
 
-    def __init__(self, items, order, owners, count, ready: bool):
+    def __init__(self, items, order, owners, count, ready: bool, unscored=None):
         self._items, self._order, self._owners = items, order, owners
         self._count, self._ready, self._table = count, ready, None
+        # {model index: why it has no scores}: the same on every process.
+        self.unscored: dict[int, str] = dict(unscored or {})
 
-    def result(self) -> list[dict[str, float]]:
+    def result(self) -> list[dict[str, float] | None]:
+        """Every model's metrics, in order; None for the models in `unscored`."""
         if self._table is None:
             items = self._items if self._ready else [f.result() for f in self._items]
             rows = {i: _metric_vector(s) for i, s in zip(self._order, items, strict=True)}
             size = len(self._owners)
             owners = [self._owners[i % size] for i in range(self._count)]
             self._table = sharding.gather_rows(rows, owners, len(METRIC_KEYS))
-        return [dict(zip(METRIC_KEYS, map(float, row), strict=True)) for row in self._table]
+        return [
+            None if i in self.unscored else dict(zip(METRIC_KEYS, map(float, row), strict=True))
+            for i, row in enumerate(self._table)
+        ]
 
 
 def evaluate(
@@ -331,6 +337,7 @@ def evaluate(
     population_size: int | None = None,
     workers: int | None = None,
     wait: bool = True,
+    skip_nonfinite: bool = False,
 ):
     """`score` for every model `variables[i]` on its run's splits.
 
@@ -339,7 +346,9 @@ def evaluate(
     over train and test images; the attacks of different models are fitted in `workers`
     parallel processes (default: the usable cores; 1 scores in this process). The values do
     not depend on either setting. Raises FloatingPointError naming `names[i]` when a model's
-    logits are not finite (before returning, whether or not `wait`).
+    logits are not finite (before returning, whether or not `wait`); with `skip_nonfinite`,
+    such a model, and a `None` in `variables` (a run that diverged), get no scores: `None` in
+    the result, the reason in `Scores.unscored`.
 
     Across processes (`jax.distributed`), each process scores the models it owns
     (`sharding.member_owners`) from the logits it holds, and every process gets every score.
@@ -354,6 +363,14 @@ def evaluate(
     owners = sharding.member_owners(mesh, size)
     both = train.joined(test)
     jobs = {}
+    unscored = {i: "no model (it diverged)" for i, v in enumerate(variables) if v is None}
+    if unscored and not skip_nonfinite:
+        raise ValueError(f"variables {sorted(unscored)} are None")
+    present = [v for v in variables if v is not None]
+    if not present:
+        return Scores([], [], owners, count, ready=True, unscored=unscored)
+    # A missing model's slot computes a present one's logits, which are then dropped.
+    variables = [present[0] if v is None else v for v in variables]
     for lo in range(0, count, size):
         wave = list(variables[lo : lo + size])
         wave += [wave[0]] * (size - len(wave))
@@ -363,7 +380,7 @@ def evaluate(
         out = sharding.owned_members(predict(model, stacked, both, fetch=False), mesh)
         real = min(size, count - lo)
         checks = {}
-        for j in (j for j in out if j < real):
+        for j in (j for j in out if j < real and lo + j not in unscored):
             i = lo + j
             tr, te = out[j][: train.size], out[j][train.size : both.size]
             checks[j] = np.asarray([*_nonfinite(tr), *_nonfinite(te)], np.float64)
@@ -378,23 +395,30 @@ def evaluate(
             )
         # Every process raises the same error, for the first bad model of the wave.
         bad = sharding.gather_rows(checks, owners, 4)
-        for j in range(real):
+        for j in (j for j in range(real) if lo + j not in unscored):
             for k, total in ((0, train.size), (2, test.size)):
                 if bad[j, k] > 0:
                     name = names[lo + j] if names else f"model {lo + j}"
-                    raise _nonfinite_error(
+                    error = _nonfinite_error(
                         name, int(bad[j, k]), total, int(bad[j, k + 1]), variables[lo + j]
                     )
+                    if not skip_nonfinite:
+                        raise error
+                    unscored[lo + j] = str(error)
+                    jobs.pop(lo + j, None)
+                    break
     order = sorted(jobs)
     workers = min(workers or default_workers(), len(order))
     if workers <= 1:
-        scores = Scores([score(**jobs[i]) for i in order], order, owners, count, ready=True)
+        scores = Scores(
+            [score(**jobs[i]) for i in order], order, owners, count, ready=True, unscored=unscored
+        )
     else:
         from joblib.externals.loky import get_reusable_executor
 
         executor = get_reusable_executor(max_workers=workers)
         futures = [executor.submit(score, **jobs[i]) for i in order]
-        scores = Scores(futures, order, owners, count, ready=False)
+        scores = Scores(futures, order, owners, count, ready=False, unscored=unscored)
     return scores.result() if wait else scores
 
 

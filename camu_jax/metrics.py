@@ -328,11 +328,12 @@ def avg_gap(
 
 def add_gaps(methods: dict[str, dict], keys: Iterable[str] = ("UA", "RA", "TA", "mia_efficacy")):
     """Adds `avg_gap` (to `methods["retrain"]` over `keys`) and `rte` (retrain seconds / the
-    method's `seconds`; None for `original`) to every method's metrics of one run, in place."""
+    method's `seconds`; None for `original`) to every method's metrics of one run, in place.
+    A method without scores (`"diverged"` in its entry) gets `avg_gap` None."""
     keys = tuple(keys)
     retrain = methods["retrain"]
     for name, r in methods.items():
-        r["avg_gap"] = avg_gap(r, retrain, keys=keys)
+        r["avg_gap"] = None if "diverged" in r else avg_gap(r, retrain, keys=keys)
         r["rte"] = (
             None
             if name == "original"

@@ -42,6 +42,10 @@ class ExperimentConfig:
     # Unlearning methods compared with original and retrain: comma separated names of
     # camu_jax.methods (camu, ft, ga, ...), or all
     methods: tuple[str, ...] = ("camu",)
+    # An unlearning method whose loss or parameters turn non-finite for a run: record (its
+    # cells say diverged, the study goes on) or stop (exit 2 naming the run, before any results
+    # or its checkpoint are written)
+    on_divergence: str = "record"
     relearn: bool = True  # the relearning check (one epoch on D_r) after unlearning
     relearn_every: int = 100  # batches between two points of the relearning curve
     # Runs trained together as one program (a population); none: every run of a phase at once
@@ -152,6 +156,8 @@ class ExperimentConfig:
         check_number("learning rate", self.learning_rate)
         check_number("weight decay", self.weight_decay, positive=False)
         check_number("relearn every", self.relearn_every, integer=True)
+        if self.on_divergence not in ("record", "stop"):
+            raise ValueError(f"on divergence must be record or stop, got {self.on_divergence!r}")
         for name in ("population_size", "eval_workers"):
             if getattr(self, name) is not None:
                 check_number(name.replace("_", " "), getattr(self, name), integer=True)

@@ -222,6 +222,7 @@ def _csv_text(results: Mapping, runs: list[dict]) -> str:
         ["dataset", "scenario", "forget_class", "seed", "method"]
         + [f"n_{k}" for k in SPLIT_KEYS]
         + keys
+        + ["diverged"]
     )
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -237,7 +238,7 @@ def _csv_text(results: Mapping, runs: list[dict]) -> str:
                 run.get("seed"),
                 method,
             ] + [sizes.get(k) for k in SPLIT_KEYS]
-            row += [metrics.get(k) for k in keys]
+            row += [metrics.get(k) for k in keys] + [metrics.get("diverged")]
             writer.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
 
@@ -246,11 +247,17 @@ def _cell(runs: list[dict], method: str, key: str) -> str:
     values = [
         v for run in runs if (v := _number(run["methods"].get(method, {}).get(key))) is not None
     ]
+    # A mean over fewer runs than the others says so: runs where the method diverged have no
+    # scores (see results.json's "diverged" entries).
+    diverged = sum("diverged" in run["methods"].get(method, {}) for run in runs)
     if not values:
-        return "–"
+        return "diverged" if diverged else "–"
     mean, std = mean_std(values)
     digits = 3 if key == "loss_attack" else 2
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if diverged and key not in ("seconds", "rte"):
+        text += f" ({len(values)} runs; {diverged} diverged)"
+    return text
 
 
 def _table(runs: list[dict], methods: list[str], columns, lead=()) -> list[str]:

@@ -211,7 +211,11 @@ class Experiment:
             [{"split": d} for d in digests],
         )
 
-    def unlearn(self, method, runs: list[Run], originals: dict) -> list[tuple[dict, dict]]:
+    def unlearn(
+        self, method, runs: list[Run], originals: dict, *, record: bool = False
+    ) -> list[tuple[dict | None, dict]]:
+        """`method` from each run's original; with `record`, a run that diverges gives
+        `(None, info)` with `info["diverged"]` instead of raising."""
         c = self.config
         return run_population(
             method,
@@ -224,6 +228,7 @@ class Experiment:
             names=[f"{method.name} {r.name}" for r in runs],
             population_size=c.population_size,
             progress=c.progress,
+            on_divergence="record" if record else "raise",
         )
 
     def save_unlearned(self, run: Run, method: str, variables: dict) -> None:
@@ -270,7 +275,13 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     # check) now, the attacks in worker processes while the next phases train.
     pending, eval_time = {}, {"seconds": 0.0, "compile_seconds": 0.0, "programs_compiled": 0}
 
-    def submit(method: str, variables: list[dict]) -> None:
+    # {method: {run index: why}}: unlearned models whose loss, parameters or logits turned
+    # non-finite (on_divergence="record"); their cells say so and they are neither saved nor
+    # relearned.
+    diverged: dict[str, dict[int, str]] = {}
+    record = config.on_divergence == "record"
+
+    def submit(method: str, variables: list[dict | None]) -> None:
         timer = engine.Timer()
         pending[method] = evaluate(
             exp.model,
@@ -284,7 +295,10 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
             population_size=config.population_size,
             workers=config.eval_workers,
             wait=False,
+            skip_nonfinite=record and method not in BASELINES,
         )
+        for i, why in pending[method].unscored.items():
+            diverged.setdefault(method, {}).setdefault(i, why)
         eval_time["seconds"] += timer.seconds
         eval_time["compile_seconds"] += timer.compile_seconds
         eval_time["programs_compiled"] += sum(timer.programs.values())
@@ -307,21 +321,28 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     unlearned = {}
     for name, method in method_configs.items():
         timer = engine.Timer()
-        unlearned[name] = exp.unlearn(method, runs, originals)
+        unlearned[name] = exp.unlearn(method, runs, originals, record=record)
         phases.append(_phase(name, timer, len(runs)))
+        for i, (_, info) in enumerate(unlearned[name]):
+            if "diverged" in info:
+                diverged.setdefault(name, {})[i] = info["diverged"]
         models[name] = [v for v, _ in unlearned[name]]
         submit(name, models[name])
+        for i, why in diverged.get(name, {}).items():
+            models[name][i] = None
+            log(f"warning: {name} diverged on {runs[i].name}: {why}; reported as diverged")
         # Saved once evaluation has shown finite outputs: finite but huge weights (a far too
         # high learning rate) pass every check during unlearning.
         for run, variables in zip(runs, models[name], strict=True):
-            exp.save_unlearned(run, name, variables)
+            if variables is not None:
+                exp.save_unlearned(run, name, variables)
     methods = (*BASELINES, *method_configs)
 
     curves = {}
     relearned = (*method_configs, "retrain")
     if config.relearn:
         timer = engine.Timer()
-        which = [(m, i) for m in relearned for i in range(len(runs))]
+        which = [(m, i) for m in relearned for i in range(len(runs)) if models[m][i] is not None]
         out = relearn(
             exp.model,
             [models[m][i] for m, i in which],
@@ -358,7 +379,14 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     }
     results_runs = []
     for i, run in enumerate(runs):
-        entries = {m: {**scores[m][i], "seconds": seconds[m][i]} for m in methods}
+        entries = {
+            m: (
+                {"diverged": diverged[m][i], "seconds": seconds[m][i]}
+                if scores[m][i] is None
+                else {**scores[m][i], "seconds": seconds[m][i]}
+            )
+            for m in methods
+        }
         metrics.add_gaps(entries)
         for name, out in unlearned.items():
             info = out[i][1]
@@ -376,7 +404,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         if skip := exp.inapplicable(run.splits):
             entry["not_applicable"] = skip
         if curves:
-            entry["relearn"] = {m: curves[(m, i)] for m in relearned}
+            entry["relearn"] = {m: curves[(m, i)] for m in relearned if (m, i) in curves}
         results_runs.append(entry)
         log(format_table(entry))
 
@@ -399,6 +427,11 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         "phases": phases,
     }
     results = _clean(results)
+    for method, runs_of in diverged.items():
+        log(
+            f"warning: {method} diverged on {len(runs_of)} of {len(runs)} runs "
+            f"({', '.join(runs[i].name for i in sorted(runs_of))}); its cells say so"
+        )
     if main:
         atomic_write_bytes(workdir / "results.json", json.dumps(results, indent=2).encode())
         build_reports(results, workdir)
@@ -422,6 +455,9 @@ def format_table(run: dict) -> str:
     width = max(10, *(len(m) + 1 for m in run["methods"]))
     lines = [head, f"{'method':<{width}}" + "".join(f"{h:>10}" for _, h in cols)]
     for method, r in run["methods"].items():
+        if "diverged" in r:
+            lines.append(f"{method:<{width}}  diverged: {r['diverged']}")
+            continue
         cells = "".join(
             f"{'-':>10}"
             if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k]))

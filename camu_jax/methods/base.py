@@ -259,6 +259,7 @@ def run_population(
     chunk_steps: int = 250,
     use_scan: bool | None = None,
     progress: bool = True,
+    on_divergence: str = "raise",
 ) -> list[tuple[dict, dict]]:
     """Runs `method` from every frozen original `originals[i]` on `splits[i]`, `seeds[i]`, at
     most `population_size` members at a time (default all); returns per member
@@ -267,7 +268,14 @@ def run_population(
     info: `seconds` (the member's share of its wave's wall time: preparation + unlearning,
     compile included, the reference's "time"), `construct_seconds` (preparation),
     `compile_seconds`, `losses` (per chunk means), `steps`.
+
+    A member whose loss or parameters turn non-finite: `on_divergence="raise"` raises
+    FloatingPointError naming it, its phase and step; `"record"` gives it `variables=None` and
+    the message as `info["diverged"]`, and the other members go on unchanged (members never
+    mix: their results are those of a population without the diverged one).
     """
+    if on_divergence not in ("raise", "record"):
+        raise ValueError(f"on_divergence must be 'raise' or 'record', got {on_divergence!r}")
     method.validate()
     sharding.check_batch_size(method.batch_size, data.mesh)
     count = len(originals)
@@ -308,6 +316,7 @@ def run_population(
             [names[i] for i in wave],
             size,
             progress,
+            on_divergence,
         )
         for i, out in zip(wave, outs, strict=True):
             results[i] = out
@@ -355,7 +364,9 @@ def _memory_probe(method, model, engines, chunks, originals, data, ctxs):
     return per_member
 
 
-def _run_wave(method, model, engines, chunks, originals, data, ctxs, names, size, progress):
+def _run_wave(
+    method, model, engines, chunks, originals, data, ctxs, names, size, progress, on_divergence
+):
     timer = engine.Timer()
     real = len(originals)
     pad = functools.partial(engine.pad_members, size=size)
@@ -368,8 +379,11 @@ def _run_wave(method, model, engines, chunks, originals, data, ctxs, names, size
     state = _stack(originals)
     losses = [[] for _ in range(real)]
     steps = [0] * real
+    diverged: dict[int, str] = {}
     stages = method.stages()
     for stage, run, chunk in zip(stages, engines, chunks, strict=True):
+        if len(diverged) == real:
+            break  # nothing left to compute
         where = method.name if len(stages) == 1 else f"{method.name} {stage.name}"
         state = run.init(state)
         plans_0 = [stage.plan(c, 0) for c in ctxs[:real]]
@@ -394,9 +408,14 @@ def _run_wave(method, model, engines, chunks, originals, data, ctxs, names, size
             for lo in range(0, next(iter(plan.values())).shape[1], chunk):
                 part = {k: v[:, lo : lo + chunk] for k, v in plan.items()}
                 state, metrics = run(state, shared, member, part)
-                engine.check_finite(metrics, names, f"{where} epoch {epoch + 1}", state)
+                bad = engine.nonfinite_members(
+                    metrics, names[:real], f"{where} epoch {epoch + 1}", state, skip=diverged
+                )
+                if bad and on_divergence == "raise":
+                    raise FloatingPointError(bad[min(bad)])
+                diverged.update(bad)
                 keys = [k for k in metrics if k not in ("finite", "active", "state_finite")]
-                for j in range(real):
+                for j in (j for j in range(real) if j not in diverged):
                     means = engine.chunk_means(metrics, keys, j)
                     if means:
                         losses[j].append({"stage": stage.name, **means})
@@ -406,13 +425,14 @@ def _run_wave(method, model, engines, chunks, originals, data, ctxs, names, size
     share = timer.seconds / real
     return [
         (
-            out[j],
+            None if j in diverged else out[j],
             {
                 "seconds": share,
                 "construct_seconds": construct_seconds / real,
                 "compile_seconds": timer.compile_seconds / real,
                 "steps": steps[j],
                 "losses": losses[j],
+                **({"diverged": diverged[j]} if j in diverged else {}),
             },
         )
         for j in range(real)
