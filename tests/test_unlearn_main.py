@@ -152,19 +152,18 @@ def test_bad_forget_indices(tmp_path, indices, needle):
     assert not (tmp_path / "wd").exists()  # refused before training or writing anything
 
 
-def test_nan_loss_stops_with_clear_error(tmp_path):
-    proc = run_main(
-        "--workdir",
-        str(tmp_path / "wd"),
-        "--original-epochs",
-        "1",
-        "--no-relearn",
-        "--impair-lr",
-        "1e38",
-    )
+def test_nan_loss_is_recorded_or_stops_with_clear_error(tmp_path):
+    args = ("--original-epochs", "1", "--no-relearn", "--impair-lr", "1e38")
+    proc = run_main("--workdir", str(tmp_path / "wd"), *args, "--on-divergence", "stop")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "non-finite loss" in proc.stderr and "camu" in proc.stderr
     assert not (tmp_path / "wd" / "results.json").exists()
+    # The default records it: the study finishes, CaMU's cells say diverged, naming the loss.
+    proc = run_main("--workdir", str(tmp_path / "wd"), *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: camu diverged on 1 of 1 runs" in proc.stdout
+    results = json.loads((tmp_path / "wd" / "results.json").read_text())
+    assert results["runs"][0]["methods"]["camu"]["diverged"].startswith("non-finite loss")
 
 
 def test_methods_flag_reports_every_method(tmp_path):
