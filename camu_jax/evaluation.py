@@ -59,8 +59,10 @@ def _forward(model: nn.Module, spec: InputSpec, mesh, embedding: bool, augment: 
     vmapped = jax.vmap(
         one, in_axes=(0, None, 0, 0, 0, 0, None), spmd_axis_name=sharding.MEMBER_AXIS
     )
-    # XLA's own convolutions whatever the member count (no `engine.member_program`): a model's
-    # logits then do not depend on how many models share the pass, and neither do its metrics.
+    # XLA's own convolutions whatever the member count (no `engine.member_program`). XLA still
+    # compiles each member count on its own, so a model's logits differ between counts by
+    # float32 rounding (4e-8 on an untrained digits CNN, 1 vs 3 members): accuracies agree
+    # unless two logits tie that closely, a fitted attack can move (1 point of MIA there).
     return jax.jit(vmapped)
 
 
@@ -345,7 +347,8 @@ def evaluate(
     activations are bounded by `IMAGES_PER_CALL` whatever the count) in one batched device pass
     over train and test images; the attacks of different models are fitted in `workers`
     parallel processes (default: the usable cores; 1 scores in this process). The values do
-    not depend on either setting. Raises FloatingPointError naming `names[i]` when a model's
+    not depend on `workers`, and on `population_size` only through float32 rounding of the
+    logits (`_forward`). Raises FloatingPointError naming `names[i]` when a model's
     logits are not finite (before returning, whether or not `wait`); with `skip_nonfinite`,
     such a model, and a `None` in `variables` (a run that diverged), get no scores: `None` in
     the result, the reason in `Scores.unscored`.
