@@ -14,11 +14,22 @@ which every process has gathered; Orbax writes host numpy arrays from process 0 
 process reads them: every manager here is local to its process (Orbax's `active_processes` is
 this process alone), so no Orbax barrier waits on processes that do not save. The directory
 must then be on a filesystem all hosts share.
+
+`lock_directory` gives one process at a time a directory to write into (a work dir, a model's
+checkpoint directory); `save_next` takes it itself.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +125,11 @@ def save_next(directory: str | Path, state: Any, meta: dict) -> int | None:
     exists."""
     if jax.process_index() != 0:
         return None
-    latest = latest_step(directory)
-    step = 0 if latest is None else latest + 1
-    save(directory, step, state, meta)
+    # Another process saving into `directory` would pick the same step.
+    with lock_directory(directory, wait=True):
+        latest = latest_step(directory)
+        step = 0 if latest is None else latest + 1
+        save(directory, step, state, meta)
     return step
 
 
@@ -223,3 +236,95 @@ def abstract_like(state: Any, sharding: Any | None = None) -> Any:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
     return jax.tree.map(leaf, state)
+
+
+LOCK_FILE = ".lock"
+
+
+class DirectoryInUseError(ValueError):
+    """Another process holds the lock of the directory (`lock_directory`)."""
+
+
+class DirectoryLock:
+    """A held `lock_directory` lock: `release()` or leaving its `with` block frees it."""
+
+    def __init__(self, directory: Path, fd: int):
+        self.directory, self._fd = directory, fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # names no holder once free
+        finally:
+            os.close(fd)  # closing the file releases the flock
+
+    def __enter__(self) -> DirectoryLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_directory(
+    directory: str | Path,
+    *,
+    wait: bool = False,
+    on_wait: Callable[[str], None] | None = print,
+) -> DirectoryLock:
+    """Takes the exclusive lock of `directory` (created if missing): one writer at a time.
+
+    The lock is an `fcntl.flock` on `<directory>/.lock`, which holds the holder's pid, host and
+    command. When another process holds it, `wait=False` raises `DirectoryInUseError` naming
+    that process; `wait=True` passes `on_wait` one line saying whom it waits for, then blocks
+    until the lock is free. The operating system releases the lock when its holder exits or is
+    killed, however; a lock is per open file, so a second `lock_directory` of the same
+    directory in one process waits for the first like any other.
+
+    Returns the held `DirectoryLock` (a context manager).
+    """
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        holder = _holder_unless_locked(fd)
+        if holder is not None:
+            if not wait:
+                raise DirectoryInUseError(
+                    f"{directory} is in use by another process, {holder}; wait for it to end "
+                    f"or use another directory (lock file {path})"
+                )
+            if on_wait is not None:
+                on_wait(f"waiting for {directory}: {holder} is writing into it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return DirectoryLock(directory, fd)
+
+
+def _holder_unless_locked(fd: int) -> str | None:
+    """Locks `fd` and returns None, or describes the process that holds it. A holder writes
+    its name just after locking, so an empty file is read again for a moment."""
+    for _ in range(40):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            pass
+        text = os.pread(fd, 65536, 0).decode(errors="replace")
+        try:
+            who = json.loads(text)
+            return f"pid {who['pid']} on {who['host']} ({who['command']})"
+        except (ValueError, TypeError, KeyError):
+            time.sleep(0.025)
+    return "a process that did not say which"

@@ -11,14 +11,15 @@ and std over runs.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import linen as nn
 
+from camu_jax import checks, metrics
 from camu_jax import methods as registry
-from camu_jax import metrics
 from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
 from camu_jax.evaluation import evaluate
@@ -55,12 +56,21 @@ def compare(
     `evaluation.score`'s, plus `avg_gap` (to Retrain over UA, RA, TA, MIA-efficacy), `seconds`
     and `rte`.
     """
+    _check_runs(train=train, test=test, splits=splits, seeds=seeds, forget_classes=forget_classes)
     train_config = TrainConfig() if train_config is None else train_config
     labels = train.host_labels
+    checks.check_splits(splits, train, data_name="train")
+    if num_classes is not None:
+        checks.check_labels(train, num_classes, name="train")
+        checks.check_labels(test, num_classes, name="test")
     num_classes = num_classes or int(labels.max()) + 1
+    checks.check_model_classes(model, ("train", train), ("test", test), num_classes=num_classes)
     if forget_classes is None:
         forget_classes = [_whole_classes(sp, labels) for sp in splits]
     configs = [registry.get(m) if isinstance(m, str) else m for m in methods]
+    names = [m.name for m in configs]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"methods {names} name {', '.join(twice)} more than once")
     unique_seeds = sorted(set(seeds))
     kw = dict(population_size=population_size, progress=progress)
     start = [init_variables(model, jax.random.key(s), train.input_shape) for s in unique_seeds]
@@ -143,6 +153,21 @@ def compare(
     return out
 
 
+def _check_runs(*, train, test, splits, seeds, forget_classes) -> None:
+    """Raises ValueError, naming the argument and its shape or value, before any training."""
+    if len(seeds) == 0:
+        raise ValueError("seeds=[]: compare needs at least one run (one seed per splits entry)")
+    if len(splits) != len(seeds):
+        raise ValueError(f"{len(splits)} splits but {len(seeds)} seeds: one seed per run")
+    if forget_classes is not None and len(forget_classes) != len(seeds):
+        raise ValueError(f"{len(forget_classes)} forget_classes but {len(seeds)} runs")
+    for s in seeds:
+        # numpy and scikit-learn (the attacks) take 32-bit seeds.
+        if not isinstance(s, numbers.Integral) or isinstance(s, bool) or not 0 <= s < 2**32:
+            raise ValueError(f"seeds {list(seeds)}: seed {s!r} is not an integer in 0..2**32-1")
+    checks.check_image_sizes(train, test)
+
+
 def _whole_classes(splits: Splits, labels: np.ndarray) -> tuple[int, ...] | None:
     """The classes D_f consists of, when it is exactly every item of them (class removal)."""
     classes = np.unique(labels[splits.forget])
@@ -164,6 +189,8 @@ TABLE_COLUMNS = (
 
 def table(runs: Sequence[dict]) -> str:
     """Mean ± std over runs, one row per method (SalUn's columns and the reference's MIA)."""
+    if len(runs) == 0:
+        raise ValueError("table needs at least one run (what compare returns), got none")
     names = list(runs[0]["methods"])
     width = max(10, *(len(n) + 1 for n in names))
     lines = [f"{'method':<{width}}" + "".join(f"{h:>16}" for _, h in TABLE_COLUMNS)]

@@ -121,9 +121,7 @@ class Engine:
             metrics["state_finite"] = all_finite(state)
             return state, metrics
 
-        # spmd_axis_name: sharding constraints inside the step (the batch over `data`) get the
-        # member axis for the vmapped dimension.
-        vstep = jax.vmap(one, in_axes=(0, None, 0, 0), spmd_axis_name=sharding.MEMBER_AXIS)
+        vstep = sharding.vmap_members(one, mesh, (0, None, 0, 0))
 
         # The state always leaves a program sharded over members, so that every call (the
         # first, from `init`, and the next, from a step) sees one input sharding: one compile.
@@ -147,13 +145,16 @@ class Engine:
         self._one = jax.jit(member_program(loop, mesh), donate_argnums=0)
         self._scan = jax.jit(member_program(scan, mesh), donate_argnums=0)
         self._init = jax.jit(lambda v: pin(jax.vmap(program.init)(v)))
-        self._aot: dict = {}  # programs compiled ahead of time (memory_per_member)
+        # Programs compiled for each signature (shapes, dtypes, shardings), and the seconds
+        # each compile took (a persistent-cache hit takes little): `engine.place` weighs a
+        # new layout's compile against what it could save.
+        self._aot: dict = {}
+        self.compile_seconds: dict = {}
 
     def compiled_count(self) -> int:
         """How many programs the engine holds (1 each when shapes are stable); for
         compile-once tests."""
-        jitted = sum(f._cache_size() for f in (self._one, self._scan, self._init))
-        return jitted + len(self._aot)
+        return self._init._cache_size() + len(self._aot)
 
     def init(self, variables: PyTree) -> PyTree:
         """The stacked state of stacked `variables` (host arrays, or a previous stage's state
@@ -163,9 +164,9 @@ class Engine:
         return self._init(variables)
 
     def _program(self, state, shared, member, plan: Plan):
-        """`(callable, args)` of the program that runs `plan`: the scan over the chunk, or the
-        loop step (with its first row index). A program compiled ahead of time for these
-        shapes (`memory_per_member`) is used instead of a second compile."""
+        """`(compiled, args, compile seconds)` of the program that runs `plan`: the scan over
+        the chunk, or the loop step (with its first row index); compiled ahead of time once
+        per signature, and kept."""
         if self.use_scan:
             rows = {k: np.swapaxes(v, 0, 1) for k, v in plan.items()}  # [k, P, b]
             rows = sharding.shard_members(rows, self.mesh, axis=1, batch=True)
@@ -173,20 +174,17 @@ class Engine:
         else:
             on_device = sharding.shard_members(plan, self.mesh, batch=True, batch_axis=2)
             fn, args = self._one, (state, shared, member, on_device, np.int32(0))
-        if self._aot:
-            fn = self._aot.get(_signature(fn, args), fn)
-        return fn, args
+        key = _signature(fn, args)
+        if key not in self._aot:
+            t = time.perf_counter()
+            self._aot[key] = fn.lower(*args).compile()
+            self.compile_seconds[key] = time.perf_counter() - t
+        return self._aot[key], args, self.compile_seconds[key]
 
     def memory_per_member(self, state, shared, member, plan: Plan) -> float:
         """Device bytes one member of this population needs, from the compiled program's
-        memory analysis (arguments + outputs + temporaries - donated aliases); the program
-        is kept and used by the next call with the same shapes."""
-        fn, args = self._program(state, shared, member, plan)
-        if isinstance(fn, jax.stages.Compiled):
-            compiled = fn
-        else:
-            compiled = fn.lower(*args).compile()
-            self._aot[_signature(fn, args)] = compiled
+        memory analysis (arguments + outputs + temporaries - donated aliases)."""
+        compiled, args, _ = self._program(state, shared, member, plan)
         m = compiled.memory_analysis()
         if m is None:  # a backend without the analysis: count the arguments only
             total = sum(x.nbytes for x in jax.tree.leaves(args) if hasattr(x, "nbytes"))
@@ -199,8 +197,28 @@ class Engine:
             )
         return total / jax.tree.leaves(state)[0].shape[0]
 
+    def step_seconds(
+        self, state, shared, member, plan: Plan, steps: int = 3
+    ) -> tuple[float | None, float]:
+        """`(seconds, compile seconds)`: the median wall seconds of one step of this
+        population, timed over `steps` steps after one untimed (None where a call runs a
+        whole scanned chunk: accelerators), and the seconds its program took to compile. The
+        state is donated: pass a throwaway one."""
+        fn, args, compile_s = self._program(state, shared, member, plan)
+        if self.use_scan:
+            return None, compile_s
+        state, shared, member, on_device, _ = args
+        rows = next(iter(plan.values())).shape[1]
+        times = []
+        for j in range(steps + 1):
+            t = time.perf_counter()
+            state, _ = fn(state, shared, member, on_device, np.int32(j % rows))
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:])), compile_s
+
     def __call__(self, state, shared, member, plan: Plan):
-        fn, args = self._program(state, shared, member, plan)
+        fn, args, _ = self._program(state, shared, member, plan)
         if self.use_scan:
             state, metrics = fn(*args)
             return state, sharding.fetch(metrics)
@@ -236,34 +254,200 @@ def _signature(fn, args) -> tuple:
     )
 
 
-def population_size(
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where and how a phase's `count` members run: on `mesh` (a sub-mesh of the study's:
+    its first member rows), in waves of `size` members (a multiple of the mesh's member
+    devices; the last wave padded with inactive copies), chosen by `rule`; `probe` holds the
+    measured member-steps per second of the candidates when a timed probe decided."""
+
+    mesh: Mesh
+    size: int
+    count: int
+    rule: str
+    probe: dict | None = None
+
+    @property
+    def waves(self) -> int:
+        return -(-self.count // self.size)
+
+    @property
+    def padding(self) -> int:
+        """Padding members over all waves (inactive copies that fill a wave's devices)."""
+        return self.waves * self.size - self.count
+
+    def record(self, what: str = "") -> dict:
+        """The JSON record of the choice (results.json's `phases[i]["placement"]`)."""
+        rows = sharding.member_devices(self.mesh)
+        out = {
+            "what": what,
+            "members": self.count,
+            "devices": int(self.mesh.devices.size),
+            "member_devices": rows,
+            "data_devices": sharding.data_devices(self.mesh),
+            "members_per_device": self.size // rows,
+            "wave_size": self.size,
+            "waves": self.waves,
+            "padding_members": self.padding,
+            "rule": self.rule,
+        }
+        if self.probe is not None:
+            out["probe_member_steps_per_s"] = self.probe
+        return out
+
+    def describe(self, what: str = "") -> str:
+        rows, data = sharding.member_devices(self.mesh), sharding.data_devices(self.mesh)
+        where = f"{rows} device{'s' * (rows > 1)}" + (f" x {data} (batch split)" * (data > 1))
+        waves = f"{self.waves} wave{'s' * (self.waves > 1)} of {self.size}"
+        pad = f", {self.padding} padding" if self.padding else ""
+        return (
+            f"placement{' of ' + what if what else ''}: {self.count} member"
+            f"{'s' * (self.count != 1)} on {where}, {waves} ({self.size // rows} per device"
+            f"{pad}); {self.rule}"
+        )
+
+
+# Every placement chosen in this process, in order (`Timer.placements`: those of a phase).
+_placements: list[dict] = []
+
+# Probe returns `(bytes per member, seconds per step or None, compile seconds)` of a wave of
+# `size` members on `mesh`; seconds only when `timed` and the engine can time a step (the
+# per-step loop), compile seconds what its program took to compile (when first compiled).
+Probe = Callable[[Mesh, int, bool], tuple[float, float | None, float]]
+
+
+def submesh(mesh: Mesh, member_rows: int) -> Mesh:
+    """The first `member_rows` rows of `mesh`'s member axis (each row keeps its data devices)."""
+    if member_rows == sharding.member_devices(mesh):
+        return mesh
+    return Mesh(np.asarray(mesh.devices)[:member_rows], mesh.axis_names)
+
+
+def place(
     requested: int | None,
     count: int,
     mesh: Mesh,
-    per_member: Callable[[int], float],
+    probe: Probe | None = None,
     *,
+    steps: int | None = None,
     log=print,
     what: str = "",
-) -> int:
-    """Members per wave: `requested`, or by default as many of `count` as fit in the devices'
-    free memory, from `per_member(size)` (the bytes one member of a population of `size`
-    needs: `Engine.memory_per_member`); printed."""
-    size = wave_size(requested, count, mesh)
-    if requested is not None or count <= sharding.member_devices(mesh):
-        return size
-    need = per_member(size)
-    free = sharding.free_memory(mesh)
-    fit = int(0.8 * free * sharding.member_devices(mesh) // max(need, 1.0))
-    chosen = max(sharding.member_devices(mesh), min(size, fit))
-    chosen = wave_size(chosen, count, mesh)
-    waves = -(-count // chosen)
-    padded = f", padded to {chosen} for {sharding.member_devices(mesh)} devices" * (chosen > count)
-    log(
-        f"population{' of ' + what if what else ''}: {count} members in {waves} "
-        f"wave{'s' * (waves > 1)} of {chosen}{padded} "
-        f"({need / 2**20:.1f} MiB each, {free / 2**30:.1f} GiB free per device)"
-    )
-    return chosen
+) -> Placement:
+    """The placement of a phase of `count` members on `mesh` (printed, and recorded for
+    `Timer.placements`).
+
+    * Never more member devices than members: a phase of fewer members than the mesh has
+      member rows runs on a sub-mesh of one row per member, with no padding members (a padded
+      member costs a real member's work: on a CPU it takes a core from the real one). Across
+      processes (`jax.distributed`) every row stays in, so that every process takes part.
+    * Where `probe` can time the step, a phase of several members but no more than the member
+      rows spreads them one per device only when that can pay back compiling the spread
+      program: run one at a time on one device (the program earlier phases compiled), the
+      phase's `steps` member-steps take `steps * t1`; spread over n devices they could save at
+      most `(1 - 1/n)` of that, which must exceed the one-device program's compile seconds
+      (the estimate of the new program's). Otherwise both are timed and the faster kept.
+      (Digits' relearning check, 2 x 45 steps, stays on one device; MNIST's, 2 x 1700, spreads.)
+    * `requested` (`--population-size`) members per wave, rounded up to the member devices.
+    * Otherwise every member in one wave, or as many as fit in the devices' free memory (from
+      `probe`'s memory analysis of the compiled step); and where `probe` can time the compiled
+      step (the per-step loop of a CPU), the stacked wave is timed against waves of one member
+      per device and the faster in member-steps per second is chosen: stacking members on a
+      device wins where per-operation overhead dominates (the digits CNN, 3x) and loses where
+      arithmetic does (the MNIST CNN, 3x slower; docs/benchmarks.md, placement).
+    """
+    if count < 1:
+        raise ValueError(f"a phase needs at least one member, got {count}")
+    if requested is not None and requested < 1:
+        raise ValueError(f"population size must be positive, got {requested}")
+    rows_all = sharding.member_devices(mesh)
+    if jax.process_count() > 1:
+        rows = rows_all
+    else:
+        rows = max(1, min(rows_all, count, requested or count))
+    sub = submesh(mesh, rows)
+    rates = None
+    if requested is not None:
+        size = -(-min(requested, count) // rows) * rows
+        rule = f"population size {requested} requested"
+    elif count <= rows:
+        size = rows
+        rule = "one member per device" if rows == count else "every device takes part"
+        # Only where steps are timed one by one (CPU), and in one process (a one-device
+        # sub-mesh would leave the other processes out).
+        single = jax.process_count() == 1
+        if probe is not None and count > 1 and steps and single and not default_use_scan():
+            one = submesh(mesh, 1)
+            _, t1, c1 = probe(one, 1, True)
+            if t1 is not None:
+                saved = steps * t1 * (1 - 1 / rows)
+                if saved <= c1:
+                    sub, size = one, 1
+                    rule = (
+                        f"one at a time on one device: spreading could save at most {saved:.1f} s "
+                        f"of {steps} member-steps, compiling costs about {c1:.1f} s"
+                    )
+                else:
+                    _, tn, _ = probe(sub, rows, True)
+                    measured = sharding.from_process_zero(
+                        np.asarray([rows / tn, 1 / t1], np.float64)
+                    )
+                    rates = {
+                        "1_per_device": round(float(measured[0]), 1),
+                        "one_device": round(float(measured[1]), 1),
+                    }
+                    if measured[1] > measured[0]:
+                        sub, size = one, 1
+                        rule = (
+                            f"timed probe: one at a time on one device, {measured[1]:.0f} "
+                            f"member-steps/s against {measured[0]:.0f} spread"
+                        )
+                    else:
+                        rule = (
+                            f"timed probe: one member per device, {measured[0]:.0f} "
+                            f"member-steps/s against {measured[1]:.0f} on one device"
+                        )
+    elif probe is None:
+        size = -(-count // rows) * rows
+        rule = "every member in one wave"
+    else:
+        full = -(-count // rows) * rows
+        need, _, _ = probe(sub, full, False)
+        free = sharding.free_memory(sub)
+        fit = int(0.8 * free * rows // max(need, 1.0))
+        size = max(rows, min(full, fit // rows * rows))
+        rule = (
+            f"every member in one wave ({need / 2**20:.1f} MiB each)"
+            if size == full
+            else f"as many as fit in {free / 2**30:.1f} GiB free per device "
+            f"({need / 2**20:.1f} MiB each)"
+        )
+        if size > rows:
+            _, stacked, _ = probe(sub, size, True)
+            if stacked is not None:
+                _, single, _ = probe(sub, rows, True)
+                measured = sharding.from_process_zero(
+                    np.asarray([size / stacked, rows / single], np.float64)
+                )
+                rates = {
+                    f"{size // rows}_per_device": round(float(measured[0]), 1),
+                    "1_per_device": round(float(measured[1]), 1),
+                }
+                if measured[1] > measured[0]:
+                    size = rows
+                    rule = (
+                        f"timed probe: one member per device, {measured[1]:.0f} member-steps/s "
+                        f"against {measured[0]:.0f} stacked"
+                    )
+                else:
+                    rule = (
+                        f"timed probe: stacked, {measured[0]:.0f} member-steps/s against "
+                        f"{measured[1]:.0f} one per device; " + rule
+                    )
+    out = Placement(sub, size, count, rule, rates)
+    _placements.append(out.record(what))
+    if log is not None:
+        log(out.describe(what))
+    return out
 
 
 # ------------------------------------------------------------------------------ host side
@@ -371,13 +555,6 @@ def chunk_means(metrics: dict, keys: Sequence[str], member: int) -> dict[str, fl
     return {k: float(np.mean(np.asarray(metrics[k])[active, member])) for k in keys}
 
 
-def wave_size(population_size: int | None, count: int, mesh: Mesh) -> int:
-    """Members per wave: `population_size` (default: all `count`), at most `count`, rounded
-    up to a multiple of the mesh's member devices (padding members fill the rest)."""
-    size = min(population_size or count, count)
-    return -(-size // sharding.member_devices(mesh)) * sharding.member_devices(mesh)
-
-
 def waves(count: int, size: int) -> list[list[int]]:
     """Member indices in waves of at most `size`."""
     return [list(range(lo, min(lo + size, count))) for lo in range(0, count, size)]
@@ -397,6 +574,7 @@ class Timer:
         self.t0 = time.perf_counter()
         self.compile0 = compile_seconds()
         self.programs0 = dict(_programs)
+        self.placements0 = len(_placements)
 
     @property
     def seconds(self) -> float:
@@ -405,6 +583,11 @@ class Timer:
     @property
     def compile_seconds(self) -> float:
         return compile_seconds() - self.compile0
+
+    @property
+    def placements(self) -> list[dict]:
+        """The placements (`place`) chosen since the timer started."""
+        return _placements[self.placements0 :]
 
     @property
     def programs(self) -> dict[str, int]:

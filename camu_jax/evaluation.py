@@ -19,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from camu_jax import engine, metrics, sharding
+from camu_jax.checks import check_image_sizes, check_model_classes, check_splits
 from camu_jax.counterfactual import counterfactual_inputs
 from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess
 from camu_jax.data.splits import Splits
@@ -56,9 +57,7 @@ def _forward(model: nn.Module, spec: InputSpec, mesh, embedding: bool, augment: 
         )
         return emb if embedding else logits
 
-    vmapped = jax.vmap(
-        one, in_axes=(0, None, 0, 0, 0, 0, None), spmd_axis_name=sharding.MEMBER_AXIS
-    )
+    vmapped = sharding.vmap_members(one, mesh, (0, None, 0, 0, 0, 0, None))
     # XLA's own convolutions whatever the member count (no `engine.member_program`). XLA still
     # compiles each member count on its own, so a model's logits differ between counts by
     # float32 rounding (4e-8 on an untrained digits CNN, 1 vs 3 members): accuracies agree
@@ -292,6 +291,44 @@ def score(
     return out
 
 
+# The scoring workers' executor, once started (`stop_workers`).
+_EXECUTOR = None
+
+
+def _executor(workers: int):
+    from joblib.externals.loky import get_reusable_executor
+
+    global _EXECUTOR
+    _EXECUTOR = get_reusable_executor(
+        max_workers=workers, initializer=exec, initargs=(_DIE_WITH_PARENT, {"parent": os.getpid()})
+    )
+    return _EXECUTOR
+
+
+# The scoring workers' initializer: a worker ends within a second of the process that started
+# it, however that one ended (loky's own workers outlive a killed parent for half an hour).
+# `exec` of this constant, so that the worker runs it before it imports anything else: a
+# function of this module would first import jax, seconds during which a worker would not
+# notice its parent's death. Ctrl-C reaches the whole process group; stopping is the parent's
+# decision (`stop_workers`), so the workers ignore it.
+_DIE_WITH_PARENT = """
+import os, signal, threading, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.25)
+    os._exit(1)
+threading.Thread(target=watch, name="camu-jax-parent-watch", daemon=True).start()
+"""
+
+
+def stop_workers() -> None:
+    """Ends the scoring worker processes now; scores they were computing are lost. For a run
+    being stopped (a signal); callable from any thread."""
+    if _EXECUTOR is not None:
+        _EXECUTOR.shutdown(wait=False, kill_workers=True)
+
+
 def default_workers() -> int:
     """Host processes for scoring members in parallel: the cores this process may use."""
     try:
@@ -360,9 +397,17 @@ def evaluate(
     it, so that the host fits attacks while the device goes on (every process must then call
     `result()`, in the same order: it gathers across processes).
     """
+    check_image_sizes(train, test)
+    check_splits(splits, train, data_name="train")
+    check_model_classes(model, ("train", train), ("test", test))
     count = len(variables)
-    mesh = train.mesh
-    size = engine.wave_size(population_size, count, mesh)
+    placement = engine.place(population_size, count, train.mesh, what="evaluation")
+    train, test, mesh, size = (
+        train.on(placement.mesh),
+        test.on(placement.mesh),
+        placement.mesh,
+        placement.size,
+    )
     owners = sharding.member_owners(mesh, size)
     both = train.joined(test)
     jobs = {}
@@ -417,9 +462,7 @@ def evaluate(
             [score(**jobs[i]) for i in order], order, owners, count, ready=True, unscored=unscored
         )
     else:
-        from joblib.externals.loky import get_reusable_executor
-
-        executor = get_reusable_executor(max_workers=workers)
+        executor = _executor(workers)
         futures = [executor.submit(score, **jobs[i]) for i in order]
         scores = Scores(futures, order, owners, count, ready=False, unscored=unscored)
     return scores.result() if wait else scores

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from camu_jax import engine, sharding
+from camu_jax import checks, engine, sharding
 from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
 from camu_jax.evaluation import predict
@@ -47,6 +47,7 @@ def relearn(
 ) -> list[dict]:
     """Relearning curves `{'batches': [...], 'gap': [...]}` (gap in accuracy points) for every
     model `variables[i]` on the run `splits[i]`, `seeds[i]` (which orders the batches)."""
+    checks.check_splits(splits, data)
     count = len(variables)
     rows, n_remain = [], []
     for sp, seed in zip(splits, seeds, strict=True):
@@ -55,18 +56,21 @@ def relearn(
         remain = np.sort(rng.choice(sp.remain, k, replace=False))
         rows.append(np.concatenate([remain, sp.forget[: config.max_items]]))
         n_remain.append(k)
-    labels, mesh = data.host_labels, data.mesh
+    labels = data.host_labels
     curves = [{"batches": [], "gap": []} for _ in range(count)]
 
     width = max(len(r) for r in rows)  # of every model, so every wave has one shape
 
     def gaps(stacked, members: list[int]) -> np.ndarray:
         size = jax.tree.leaves(stacked)[0].shape[0]
+        # The mesh the wave runs on (the phase's placement, `engine.place`).
+        mesh = jax.tree.leaves(stacked)[0].sharding.mesh
+        placed = data.on(mesh)
         table = np.zeros((size, width), np.int32)
         for j, i in enumerate(members):
             table[j, : len(rows[i])] = rows[i]
         # Each process measures the models it owns, from the logits it holds.
-        logits = sharding.owned_members(predict(model, stacked, data, table, fetch=False), mesh)
+        logits = sharding.owned_members(predict(model, stacked, placed, table, fetch=False), mesh)
         out = {}
         for j, i in enumerate(members):
             if j in logits:
@@ -75,12 +79,6 @@ def relearn(
                 out[j] = [100 * correct[:k].mean() - 100 * correct[k:].mean()]
         return sharding.gather_rows(out, sharding.member_owners(mesh, size), 1)[: len(members), 0]
 
-    def record(stacked, done, members):
-        for j, (gap, i) in enumerate(zip(gaps(stacked, members), members, strict=True)):
-            if not curves[i]["batches"] or curves[i]["batches"][-1] < done[j]:
-                curves[i]["batches"].append(int(done[j]))
-                curves[i]["gap"].append(float(gap))
-
     start = [
         {
             "params": jax.tree.map(np.asarray, v["params"]),
@@ -88,12 +86,24 @@ def relearn(
         }
         for v in variables
     ]
-    # The gap before any fine-tuning (batch 0), for every model in one pass per wave.
-    size = engine.wave_size(population_size, count, data.mesh)
-    for members in engine.waves(count, size):
-        padded = engine.pad_members([start[i] for i in members], size)
-        stacked = sharding.shard_members(engine.stack(padded), data.mesh)
-        record(stacked, np.zeros(size, int), members)
+
+    def record(stacked, done, members):
+        new = [i for i in members if not curves[i]["batches"]]
+        if new:
+            # The gap before any fine-tuning (batch 0), measured where and as the wave runs
+            # (its placement, its member count: the same program as every later point).
+            leaf = jax.tree.leaves(stacked)[0]
+            padded = engine.pad_members([start[i] for i in members], leaf.shape[0])
+            before = sharding.shard_members(engine.stack(padded), leaf.sharding.mesh)
+            for gap, i in zip(gaps(before, members), members, strict=True):
+                if i in new:
+                    curves[i]["batches"].append(0)
+                    curves[i]["gap"].append(float(gap))
+        for j, (gap, i) in enumerate(zip(gaps(stacked, members), members, strict=True)):
+            if curves[i]["batches"][-1] < done[j]:
+                curves[i]["batches"].append(int(done[j]))
+                curves[i]["gap"].append(float(gap))
+
     train_population(
         model,
         start,

@@ -118,6 +118,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     )
 
 
+def move_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Device arrays (on any mesh of this process) -> copies replicated over `mesh`: a phase
+    placed on a sub-mesh (`engine.place`) takes its data there."""
+    return jax.device_put(tree, replicated(mesh))
+
+
 def shard_batch(batch: Any, mesh: Mesh, axis: int = 0) -> Any:
     """Global host batch (identical on every process) -> arrays sharded along `axis`.
 
@@ -268,5 +274,30 @@ def constrain_members(tree: Any, mesh: Mesh) -> Any:
 
 
 def constrain_batch(tree: Any, mesh: Mesh) -> Any:
-    """Inside jit: mark the leading axis of each leaf as sharded over `data`."""
+    """Inside jit: mark the leading axis of each leaf as sharded over `data` (nothing to mark
+    on a mesh with one data device, where the step may run inside `vmap_members`' shard_map)."""
+    if data_devices(mesh) == 1:
+        return tree
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(mesh)), tree)
+
+
+def vmap_members(fn, mesh: Mesh, in_axes: tuple) -> Any:
+    """`fn` mapped over the leading member axis of the arguments whose `in_axes` entry is 0
+    (the others, `None`, are shared by every member); the outputs carry the member axis.
+
+    On a mesh with several member devices and one data device, each device vmaps its own
+    members inside `jax.shard_map`: a member's convolutions stay its own, with no
+    communication. Left to XLA's SPMD partitioner, the vmapped (grouped) convolutions of the
+    members are partitioned with all-gathers between the devices: 10x slower on the MNIST CNN
+    over two CPU devices (docs/benchmarks.md, placement). With a data axis the partitioner
+    shards each member's batch and inserts the gradient all-reduce (`spmd_axis_name`).
+    """
+    if member_devices(mesh) == 1 or data_devices(mesh) > 1:
+        return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=MEMBER_AXIS)
+    local = jax.vmap(fn, in_axes=in_axes)
+    specs = tuple(P(MEMBER_AXIS) if a == 0 else P() for a in in_axes)
+    kwargs = dict(mesh=mesh, in_specs=specs, out_specs=P(MEMBER_AXIS))
+    try:
+        return jax.shard_map(local, check_vma=False, **kwargs)
+    except TypeError:  # pragma: no cover - a JAX without `check_vma`
+        return jax.shard_map(local, **kwargs)

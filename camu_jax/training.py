@@ -10,6 +10,8 @@ bit-identically: an epoch's plan depends only on (seed, epoch).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import time
@@ -22,7 +24,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from camu_jax import checkpointing, engine, sharding
+from camu_jax import checkpointing, checks, engine, sharding
 from camu_jax.data.pipeline import (
     DeviceData,
     InputSpec,
@@ -96,6 +98,44 @@ def _member_key(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
+_HELD = contextvars.ContextVar("camu_jax_training_locks")
+
+
+def _releases_locks(fn):
+    """The checkpoint-directory locks that `fn` takes (`_lock_directories`) are released when
+    it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as held:
+            token = _HELD.set(held)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _HELD.reset(token)
+
+    return wrapper
+
+
+def _lock_directories(members) -> dict:
+    """`{member index: lock}`: one process at a time trains into a checkpoint directory, so
+    a model that another run is training is waited for (saying so on stdout) and then
+    restored. Taken in path order, so that two runs that share directories cannot each wait
+    for the other; held until `train_population` ends. Process 0 writes every checkpoint
+    and alone takes locks; the other processes read checkpoints once it holds them."""
+    locks, by_path = {}, {}
+    if jax.process_index() == 0:
+        dirs = {m.index: Path(m.directory).absolute() for m in members if m.directory is not None}
+        for i, path in sorted(dirs.items(), key=lambda item: str(item[1])):
+            if path not in by_path:  # members with one directory share its lock
+                by_path[path] = _HELD.get().enter_context(
+                    checkpointing.lock_directory(path, wait=True)
+                )
+            locks[i] = by_path[path]
+    sharding.from_process_zero(np.zeros((), np.int32))  # a barrier
+    return locks
+
+
 class _Member:
     """Bookkeeping of one member: where it starts, its checkpoint, its losses."""
 
@@ -107,6 +147,7 @@ class _Member:
         self.state = None  # a restored state (host), when resuming
 
 
+@_releases_locks
 def train_population(
     model: nn.Module,
     variables: Sequence[dict],
@@ -145,6 +186,8 @@ def train_population(
     (earlier sessions' time included). A finished member is restored without training.
     """
     config.validate()
+    checks.check_items(items, data)
+    checks.check_model_classes(model, ("data", data))
     sharding.check_batch_size(config.batch_size, data.mesh)
     count = len(variables)
     names = list(names or [f"{desc} {i}" for i in range(count)])
@@ -162,6 +205,7 @@ def train_population(
     ]
     results: list = [None] * count
     pending = []
+    locks = _lock_directories(members)
     for m in members:
         if m.directory is not None and checkpointing.latest_step(m.directory) is not None:
             abstract = _abstract(jax.eval_shape(lambda v: init_train_state(v, tx), m.variables))
@@ -180,19 +224,28 @@ def train_population(
     for m in members:
         if m.start >= config.epochs:
             results[m.index] = (_variables(m.state), _info(m, config, 0.0, 0.0))
+            if m.index in locks:  # restored: another run may have it now
+                locks[m.index].release()
         else:
             pending.append(m)
     if pending:
+
+        def probe(mesh, size, timed):
+            run = _engine(
+                model, config.learning_rate, config.weight_decay, data.spec, mesh, use_scan
+            )
+            return _probe(run, pending, data.on(mesh), config, chunk_steps, size, timed)
+
+        b = config.batch_size
+        steps = sum((config.epochs - m.start) * -(-len(m.items) // b) for m in pending)
+        placement = engine.place(
+            population_size, len(pending), data.mesh, probe, steps=steps, what=desc
+        )
+        data = data.on(placement.mesh)
         run = _engine(
             model, config.learning_rate, config.weight_decay, data.spec, data.mesh, use_scan
         )
-        size = engine.population_size(
-            population_size,
-            len(pending),
-            data.mesh,
-            _memory_probe(run, pending, data, config, chunk_steps),
-            what=desc,
-        )
+        size = placement.size
         for wave in engine.waves(len(pending), size):
             wave_members = [pending[i] for i in wave]
             for m, out in zip(
@@ -249,17 +302,18 @@ def _wave_plan(members, size, config, epoch, chunk):
     return engine.pad_steps(engine.stack_plans(plans), chunk)
 
 
-def _memory_probe(run, pending, data, config, chunk_steps):
-    """`per_member(size)` for `engine.population_size`: a wave of the first `size` members."""
-
-    def per_member(size):
-        members = pending[:size]
-        state, member_data, chunk = _prepare(run, members, size, data, config, chunk_steps)
-        plan = _wave_plan(members, size, config, min(m.start for m in members), chunk)
-        part = {k: v[:, :chunk] for k, v in plan.items()}
-        return run.memory_per_member(state, (data.images, data.labels), member_data, part)
-
-    return per_member
+def _probe(run, pending, data, config, chunk_steps, size, timed):
+    """`engine.place`'s probe: bytes per member of a wave of the first `size` members (padded),
+    and with `timed` the seconds of one of its steps, on a throwaway state."""
+    members = pending[:size]
+    state, member_data, chunk = _prepare(run, members, size, data, config, chunk_steps)
+    plan = _wave_plan(members, size, config, min(m.start for m in members), chunk)
+    part = {k: v[:, :chunk] for k, v in plan.items()}
+    shared = (data.images, data.labels)
+    need = run.memory_per_member(state, shared, member_data, part)
+    if not timed:
+        return need, None, 0.0
+    return need, *run.step_seconds(state, shared, member_data, part)
 
 
 def _train_wave(run, members, size, data, config, chunk_steps, callback, every, progress, desc):

@@ -13,6 +13,9 @@ from camu_jax.unlearning import CamuConfig, camu_preset
 DATASETS = catalog.NAMES
 NUM_CLASSES = {name: d.num_classes for name, d in catalog.CATALOG.items()}
 SCENARIOS = ("class", "random", "proportions", "indices")
+# A seed seeds jax.random.key, numpy's default_rng and the attacks' scikit-learn random_state,
+# which takes 32 unsigned bits (a larger one failed only at the first evaluation, after training).
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +131,12 @@ class ExperimentConfig:
                             f"forget class {c} is outside the label range 0..{self.num_classes - 1}"
                             f" of {self.dataset}"
                         )
+                if len(set(group)) != len(group):
+                    twice = sorted({c for c in group if group.count(c) > 1})
+                    raise ValueError(
+                        f"--forget-class {','.join(map(str, group))} names class "
+                        f"{','.join(map(str, twice))} more than once"
+                    )
         if self.scenario == "random" and not 0.0 < self.forget_fraction < 1.0:  # also NaN
             raise ValueError(
                 f"forget fraction {self.forget_fraction} must lie strictly between 0 and 1"
@@ -150,7 +159,16 @@ class ExperimentConfig:
         if not self.seeds:
             raise ValueError("at least one seed is needed")
         for seed in self.seeds:
+            # Before check_number: math.isfinite overflows on an int of 400 digits.
+            if isinstance(seed, int) and not isinstance(seed, bool) and seed > MAX_SEED:
+                raise ValueError(f"--seeds {seed} is outside the seed range 0..{MAX_SEED}")
             check_number("seed", seed, integer=True, positive=False)
+        if len(set(self.seeds)) != len(self.seeds):
+            twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            raise ValueError(
+                f"--seeds {','.join(map(str, self.seeds))} gives seed "
+                f"{','.join(map(str, twice))} more than once (each seed is one run)"
+            )
         check_number("original epochs", self.original_epochs, integer=True)
         check_number("batch size", self.batch_size, integer=True)
         check_number("learning rate", self.learning_rate)
@@ -171,6 +189,11 @@ class ExperimentConfig:
                 raise ValueError(
                     f"unknown method {name!r}; known methods: {', '.join(methods.names())}, all"
                 )
+        if len(set(self.methods)) != len(self.methods):
+            twice = sorted({m for m in self.methods if self.methods.count(m) > 1})
+            raise ValueError(
+                f"--methods {','.join(self.methods)} names {', '.join(twice)} more than once"
+            )
         for config in self.method_configs().values():
             config.validate()
 

@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     except (json.JSONDecodeError, ValueError) as err:
         print(f"report: error: cannot build reports from {path}: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # A full disk, a folder in the way: one line naming the path.
+        from experiments.outputs import os_error_line
+
+        print(f"report: error: {os_error_line(err)}", file=sys.stderr)
+        return 2
     for p in written:
         print(p)
     return 0

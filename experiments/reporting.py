@@ -98,14 +98,66 @@ def _number(value) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_results(results: Mapping) -> list[dict]:
+    """The runs of `results`; raises ValueError naming the first entry whose structure is not
+    what `experiments.run` writes (so a damaged file is one error line, not a traceback)."""
     runs = results.get("runs") if isinstance(results, Mapping) else None
     if not isinstance(runs, list) or not runs:
         raise ValueError("results must hold a non-empty 'runs' list")
     for i, run in enumerate(runs):
         if not isinstance(run, Mapping) or not isinstance(run.get("methods"), Mapping):
             raise ValueError(f"runs[{i}] has no 'methods' mapping")
+        for method, metrics in run["methods"].items():
+            if not isinstance(metrics, Mapping):
+                raise ValueError(
+                    f"runs[{i}].methods.{method} is a {type(metrics).__name__}, not a mapping"
+                )
+        fc = run.get("forget_class")
+        if not (
+            fc is None
+            or _is_int(fc)
+            or (isinstance(fc, list) and fc and all(_is_int(c) for c in fc))
+        ):
+            raise ValueError(
+                f"runs[{i}].forget_class is {fc!r}; expected a class, a list of classes or null"
+            )
+        if not (run.get("seed") is None or _is_int(run.get("seed"))):
+            raise ValueError(f"runs[{i}].seed is {run.get('seed')!r}; expected an integer")
+        for key in ("split_sizes", "relearn", "not_applicable"):
+            if run.get(key) is not None and not isinstance(run[key], Mapping):
+                raise ValueError(f"runs[{i}].{key} is a {type(run[key]).__name__}, not a mapping")
+        for method, curve in (run.get("relearn") or {}).items():
+            if curve is None:
+                continue
+            where = f"runs[{i}].relearn.{method}"
+            if not isinstance(curve, Mapping):
+                raise ValueError(f"{where} is a {type(curve).__name__}, not a mapping")
+            for key in ("batches", "gap"):
+                values = curve.get(key)
+                if values is not None and not (
+                    isinstance(values, list)
+                    and all(v is None or _number(v) is not None for v in values)
+                ):
+                    raise ValueError(f"{where}.{key} is not a list of numbers")
+            if len(curve.get("batches") or []) != len(curve.get("gap") or []):
+                raise ValueError(f"{where}: batches and gap differ in length")
     return runs
+
+
+def _group(value) -> tuple[int, ...] | None:
+    """A run's `forget_class` (a class, or a list of classes forgotten together) as a tuple."""
+    if value is None:
+        return None
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+def _group_label(group: tuple[int, ...]) -> str:
+    """`(0,)` -> "0"; `(0, 1)`, forgotten together -> "0+1"."""
+    return "+".join(map(str, group))
 
 
 def method_order(runs: Iterable[Mapping]) -> list[str]:
@@ -160,12 +212,18 @@ _OLD_TEMP_NAME = re.compile(rf"\.(?P<name>.+)\.{_RANDOM}\.tmp")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a same-directory temp file and ``os.replace``."""
+    """Write ``data`` to ``path`` via a same-directory temp file and ``os.replace``.
+
+    An OSError (a full disk, a folder in the way) is raised again naming ``path``, not the
+    temp file, with the OS's message."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-{_HOST}-", suffix=".tmp"
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-{_HOST}-", suffix=".tmp"
+        )
+    except OSError as e:
+        raise OSError(e.errno, f"cannot be written ({e.strerror or e})", str(path)) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -174,6 +232,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         # mkstemp creates 0600; reports are meant to be read by others, like a plain open().
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot be written ({e.strerror or e})", str(path)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -234,7 +295,7 @@ def _csv_text(results: Mapping, runs: list[dict]) -> str:
             row = [
                 results.get("dataset"),
                 results.get("scenario"),
-                run.get("forget_class"),
+                None if (g := _group(run.get("forget_class"))) is None else _group_label(g),
                 run.get("seed"),
                 method,
             ] + [sizes.get(k) for k in SPLIT_KEYS]
@@ -272,8 +333,10 @@ def _table(runs: list[dict], methods: list[str], columns, lead=()) -> list[str]:
     return lines
 
 
-def _classes(runs: list[dict]) -> list:
-    return sorted({run.get("forget_class") for run in runs if run.get("forget_class") is not None})
+def _classes(runs: list[dict]) -> list[tuple[int, ...]]:
+    """The forgotten class groups of `runs`, sorted: `(c,)` per class, `(0, 1)` for classes
+    forgotten together."""
+    return sorted({g for run in runs if (g := _group(run.get("forget_class"))) is not None})
 
 
 def _markdown_text(results: Mapping, runs: list[dict]) -> str:
@@ -285,7 +348,7 @@ def _markdown_text(results: Mapping, runs: list[dict]) -> str:
         f"# Unlearning results: {results.get('dataset')}, {scenario} removal",
         "",
         f"{len(runs)} runs; seeds {seeds}"
-        + (f"; forgotten classes {classes}" if classes else "")
+        + (f"; forgotten classes {', '.join(map(_group_label, classes))}" if classes else "")
         + ". Cells are mean ± population std over all runs.",
         "",
         "## SalUn metrics",
@@ -309,10 +372,10 @@ def _markdown_text(results: Mapping, runs: list[dict]) -> str:
         lines += ["", "## Per forgotten class", ""]
         for i, cls in enumerate(classes):
             block = _table(
-                [r for r in runs if r.get("forget_class") == cls],
+                [r for r in runs if _group(r.get("forget_class")) == cls],
                 methods,
                 PER_CLASS_COLUMNS,
-                lead=(("Class", str(cls)),),
+                lead=(("Class", _group_label(cls)),),
             )
             # One table for all classes: keep the header of the first block only.
             lines += block if i == 0 else block[2:]
@@ -340,7 +403,7 @@ def _per_class_png(runs: list[dict]) -> bytes:
         for j, method in enumerate(methods):
             stats = []
             for group in groups:
-                sel = [r for r in runs if group is None or r.get("forget_class") == group]
+                sel = [r for r in runs if group is None or _group(r.get("forget_class")) == group]
                 values = [
                     v
                     for r in sel
@@ -360,7 +423,13 @@ def _per_class_png(runs: list[dict]) -> bytes:
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 105)
         ax.set_title(title)
-    axes[1].set_xticks(x, [f"class {g}" if g is not None else "random" for g in groups])
+    axes[1].set_xticks(
+        x,
+        [
+            "random" if g is None else f"class{'es' if len(g) > 1 else ''} {_group_label(g)}"
+            for g in groups
+        ],
+    )
     axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png_bytes(fig)
 

@@ -10,6 +10,7 @@ path).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -30,6 +31,7 @@ from camu_jax.models import create_model, init_variables
 from camu_jax.relearning import RelearnConfig, relearn
 from camu_jax.training import TrainConfig, train_population
 from experiments.configs import ExperimentConfig
+from experiments.outputs import check_output_paths
 from experiments.reporting import (
     atomic_write_bytes,
     build_reports,
@@ -246,13 +248,24 @@ def _phase(name: str, timer: engine.Timer, members: int, **extra) -> dict:
         "compile_seconds": timer.compile_seconds,
         "programs_compiled": sum(timer.programs.values()),
         "members": members,
+        # How each program of the phase was laid out on the devices (`engine.place`).
+        "placement": timer.placements,
         **extra,
     }
 
 
 def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     """Runs the study of `config` phase by phase; writes `results.json` and the reports
-    (atomically) into `config.workdir`; returns the results dict."""
+    (atomically) into `config.workdir`; returns the results dict.
+
+    The work dir is locked (`checkpointing.lock_directory`) from before its first file is
+    written until the end: a second run on it raises `checkpointing.DirectoryInUseError`
+    naming this process."""
+    with contextlib.ExitStack() as held:
+        return _run_experiment(config, log, held)
+
+
+def _run_experiment(config: ExperimentConfig, log, held: contextlib.ExitStack) -> dict:
     exp = Experiment(config)
     # Across processes (`jax.distributed`) every process runs the study; process 0 alone
     # reports and writes results, splits and reports.
@@ -264,8 +277,16 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
             where = f"seed {run.seed}" + ("" if run.classes is None else f", classes {run.classes}")
             log(f"note: {attack} not applicable ({where}): {why}")
     workdir = exp.workdir
+    check_output_paths(
+        workdir,
+        exp.ckpt_root,
+        (*BASELINES, *config.method_configs()),
+        f"{config.dataset}-{config.model}-",
+        [r.name for r in runs],
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
+        held.enter_context(checkpointing.lock_directory(workdir))
         remove_stale_temp_files(workdir, workdir / "splits")  # Left by a killed run.
         for run in runs:
             _save_npz(workdir / "splits" / f"{run.name}.npz", run.splits.to_arrays())
@@ -274,6 +295,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     # Each phase's models are scored as soon as they exist: the forward pass (and its logits
     # check) now, the attacks in worker processes while the next phases train.
     pending, eval_time = {}, {"seconds": 0.0, "compile_seconds": 0.0, "programs_compiled": 0}
+    eval_placements = []
 
     # {method: {run index: why}}: unlearned models whose loss, parameters or logits turned
     # non-finite (on_divergence="record"); their cells say so and they are neither saved nor
@@ -302,6 +324,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         eval_time["seconds"] += timer.seconds
         eval_time["compile_seconds"] += timer.compile_seconds
         eval_time["programs_compiled"] += sum(timer.programs.values())
+        eval_placements.extend(timer.placements)
 
     timer = engine.Timer()
     originals = exp.originals(config.seeds)
@@ -368,6 +391,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
             "compile_seconds": eval_time["compile_seconds"] + timer.compile_seconds,
             "programs_compiled": eval_time["programs_compiled"] + sum(timer.programs.values()),
             "members": len(methods) * len(runs),
+            "placement": eval_placements,
             "note": "forward passes, plus the wait for attacks still running at the end; "
             "the rest of the attack fitting overlapped the later phases",
         }
@@ -434,7 +458,16 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         )
     if main:
         atomic_write_bytes(workdir / "results.json", json.dumps(results, indent=2).encode())
-        build_reports(results, workdir)
+        try:
+            build_reports(results, workdir)
+        except OSError as e:
+            # The figures are safe in results.json; the reports can be made again from it.
+            raise OSError(
+                e.errno,
+                f"{e.strerror}; results.json is written: rebuild the reports with "
+                f"`python -m experiments.report {workdir}`",
+                e.filename,
+            ) from e
     return results
 
 

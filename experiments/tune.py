@@ -15,6 +15,10 @@ the reference accuracies, the grids and the choices.
 SSD's importances do not depend on alpha or lambda: they are computed once and each
 (alpha, lambda) dampens the original with `ssd.dampen`, the function SSD's last stage applies;
 the chosen setting is then run end to end as a check.
+
+The trained original and retrained models are cached as `.npz` arrays (read back with
+`allow_pickle=False`, checked against the model's shapes) under `--cache`, by default
+`~/.cache/camu_jax/tune`: a cache file can hold only numbers, never code to run.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import pickle
+import os
 import sys
+import zipfile
 from pathlib import Path
 
 # name -> {setting: values}, each centred on the method's official setting (its docstring).
@@ -50,6 +55,67 @@ GRIDS = {
         "learning_rate": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 3e-2]
     },
 }
+
+
+DEFAULT_CACHE = os.path.join("~", ".cache", "camu_jax", "tune")
+
+
+def _leaf_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def save_cache(path: Path, trees: dict) -> None:
+    """`{name: variables}` as one `.npz` (`name/params/.../kernel` -> array), written to a temp
+    file and renamed, so a killed run leaves the old cache or none."""
+    import jax
+    import numpy as np
+
+    arrays = {
+        f"{name}/{_leaf_name(p)}": np.asarray(leaf)
+        for name, tree in trees.items()
+        for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+
+
+def load_cache(path: Path, like: dict) -> dict:
+    """The trees `save_cache` wrote, each shaped as `like[name]` (a variables pytree); raises
+    ValueError naming `path` if it is not such a file. Never unpickles: object arrays are
+    refused by `allow_pickle=False`."""
+    import jax
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    # Not a zip, a damaged one, or one holding object arrays (pickles, refused unread).
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"tuning cache {path} is not a readable .npz of arrays ({e}); delete it"
+        ) from None
+    out, used = {}, set()
+    for name, tree in like.items():
+
+        def take(p, ref, name=name):
+            key = f"{name}/{_leaf_name(p)}"
+            arr = arrays.get(key)
+            if arr is None or arr.shape != np.shape(ref) or arr.dtype != np.asarray(ref).dtype:
+                got = "missing" if arr is None else f"{arr.dtype}{list(arr.shape)}"
+                raise ValueError(
+                    f"tuning cache {path}: {key} is {got}, expected "
+                    f"{np.asarray(ref).dtype}{list(np.shape(ref))}; delete it"
+                )
+            used.add(key)
+            return arr
+
+        out[name] = jax.tree_util.tree_map_with_path(take, tree)
+    if extra := sorted(set(arrays) - used):
+        raise ValueError(f"tuning cache {path} holds unexpected arrays {extra[:3]}; delete it")
+    return out
 
 
 def settings(grid: dict) -> list[dict]:
@@ -80,7 +146,13 @@ def split_validation(splits, seed: int, fraction: float = 0.1):
     )
     kept = np.setdiff1d(splits.remain, val)
     sample = np.sort(rng.choice(kept, size=min(kept.size, splits.forget.size), replace=False))
-    return Splits(forget=splits.forget, remain=kept, sample=sample, repeat=splits.repeat), val
+    held = np.sort(np.concatenate([np.asarray(splits.held_out, np.int64), val]))
+    return (
+        Splits(
+            forget=splits.forget, remain=kept, sample=sample, repeat=splits.repeat, held_out=held
+        ),
+        val,
+    )
 
 
 def main(argv=None) -> int:
@@ -95,7 +167,11 @@ def main(argv=None) -> int:
     p.add_argument("--forget-class", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--original-epochs", type=int, default=5)
-    p.add_argument("--cache", default="/tmp/camu_tune", help="folder of trained originals")
+    p.add_argument(
+        "--cache",
+        default=DEFAULT_CACHE,
+        help="folder of trained originals (.npz arrays; default: %(default)s)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument(
         "--grid",
@@ -137,12 +213,17 @@ def main(argv=None) -> int:
     full = Splits(forget=forget, remain=np.setdiff1d(np.arange(labels.size), forget), sample=forget)
     splits, val = split_validation(full, args.seed)
 
-    name = f"{args.dataset}_c{args.forget_class}_s{args.seed}_e{args.original_epochs}.pkl"
-    cache = Path(args.cache) / name
+    name = f"{args.dataset}_c{args.forget_class}_s{args.seed}_e{args.original_epochs}.npz"
+    cache = Path(args.cache).expanduser() / name
+    init = init_variables(model, jax.random.key(args.seed), train.input_shape)
     if cache.exists():
-        original, retrain = pickle.loads(cache.read_bytes())
+        try:
+            cached = load_cache(cache, {"original": init, "retrain": init})
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        original, retrain = cached["original"], cached["retrain"]
     else:
-        init = init_variables(model, jax.random.key(args.seed), train.input_shape)
         out = train_population(
             model,
             [init, init],
@@ -153,8 +234,7 @@ def main(argv=None) -> int:
             progress=False,
         )
         original, retrain = (jax.tree.map(np.asarray, v) for v, _ in out)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_bytes(pickle.dumps((original, retrain)))
+        save_cache(cache, {"original": original, "retrain": retrain})
 
     rows_fv = np.concatenate([splits.forget, val])
 

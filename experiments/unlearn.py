@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # A full disk, a folder in the way: one line naming the path.
+        from experiments.outputs import os_error_line
+
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     if jax.process_index() != 0:  # process 0 reports for the whole job
         return 0
     print("\nphases: " + ", ".join(f"{p['phase']} {p['seconds']:.1f}s" for p in results["phases"]))
@@ -115,4 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from experiments.interrupts import stop_on_signals
+
+    with stop_on_signals():  # Ctrl-C, SIGTERM: one line and exit 130/143 within seconds
+        sys.exit(main())

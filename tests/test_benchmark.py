@@ -228,3 +228,47 @@ def test_study_runs_both_modes_and_the_pytorch_estimate(tmp_path):
     assert ref["training_s"] == pytest.approx(p["original_s"] + p["retrain_s"])
     assert ref["evaluation_s"] == pytest.approx(3 * p["evaluation_s"])
     assert ref["timed_on"]["split_sizes"]["forget"] > 0 and ref["relearning_s"] is None
+
+
+def test_placement_flags_are_checked_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--out", str(out), "--only", "placement", "--placement-scenarios", "mnist,x"])
+    assert exc.value.code == 2
+    assert "--placement-scenarios" in capsys.readouterr().err and not out.exists()
+
+
+def test_placement_runs_both_modes_and_prints_ratios(monkeypatch, capsys):
+    """`--only placement`'s machinery with the study runs replaced (their own test runs them):
+    both modes per scenario, in that order, the ratios default / one at a time per phase, the
+    default's recorded placements, the printed table."""
+    from experiments.benchmark import placement
+
+    calls = []
+
+    def run_once(mode, args, log=print):
+        calls.append((mode, args))
+        scale = 3.0 if mode == "population" else 2.0
+        phases = [
+            {
+                "phase": "original",
+                "seconds": scale,
+                "compile_seconds": 1.0,
+                "placement": [{"x": 1}],
+            },
+            {"phase": "evaluation", "seconds": 2 * scale, "compile_seconds": 0.0},
+        ]
+        return {**study.summarize(phases, wall=10 * scale), "phases": phases}
+
+    monkeypatch.setattr(study, "run_once", run_once)
+    r = placement.bench_placement(["mnist_class0", "digits_main"], data.DEFAULT_MNIST_DIR)
+    assert [c[0] for c in calls] == ["population", "sequential"] * 2
+    mnist_args = calls[0][1]
+    assert "--no-relearn" in mnist_args and mnist_args[mnist_args.index("--dataset") + 1] == "mnist"
+    assert "--no-relearn" not in calls[2][1]  # the digits main job relearns, as it runs
+    ratios = r["mnist_class0"]["default_over_one_at_a_time"]
+    assert ratios == {"wall": 1.5, "original": 1.5, "evaluation": 1.5}
+    assert r["mnist_class0"]["placements"] == {"original": [{"x": 1}]}
+    placement.print_placement(r)
+    printed = capsys.readouterr().out
+    assert "placement.digits_main" in printed and "1.50" in printed

@@ -1,8 +1,12 @@
 """experiments.tune: the protocol's pieces, and one tiny tuning run end to end on digits."""
 
 import json
+import os
+import pickle
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from camu_jax.data.splits import Splits
 from experiments import tune
@@ -42,11 +46,29 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
+class _WritesMarker:
+    """Unpickled by a plain `pickle.loads`, creates a marker file: code run from a cache."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_tiny_tuning_run(tmp_path):
     out = tmp_path / "t.json"
     grid = json.dumps({"ga": {"learning_rate": [1e-4, 1e-2], "epochs": [1]}})
     args = ["--dataset", "digits", "--original-epochs", "1", "--cache", str(tmp_path / "c")]
+    # Issue 15 item 1: a planted pickle where the cache used to live is never loaded.
+    marker = tmp_path / "code-ran"
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "digits_c0_s0_e1.pkl").write_bytes(pickle.dumps(_WritesMarker(marker)))
     assert tune.main([*args, "--out", str(out), "--grid", grid, "ga"]) == 0
+    assert not marker.exists()
+    with np.load(tmp_path / "c" / "digits_c0_s0_e1.npz", allow_pickle=False) as cached:
+        assert any(k.startswith("original/params/") for k in cached.files)
+        assert any(k.startswith("retrain/params/") for k in cached.files)
     r = json.loads(out.read_text())
     target = r["reference"]["retrain"]
     rows = [row for row in r["rows"] if row["method"] == "ga"]
@@ -59,3 +81,35 @@ def test_tiny_tuning_run(tmp_path):
             assert abs(row["score"] - want) < 1e-9
     assert r["chosen"]["ga"]["score"] == min(row["score"] for row in rows)
     assert r["sizes"]["val"] > 0 and r["sizes"]["forget"] > 0
+
+
+def test_default_cache_is_the_users_not_a_fixed_tmp_path():
+    assert tune.DEFAULT_CACHE == os.path.join("~", ".cache", "camu_jax", "tune")
+
+
+def test_cache_round_trip_and_what_it_refuses(tmp_path):
+    like = {"params": {"w": np.zeros((2, 3), np.float32)}, "batch_stats": {"m": np.zeros(3)}}
+    trees = {
+        "original": {
+            "params": {"w": np.ones((2, 3), np.float32)},
+            "batch_stats": {"m": np.ones(3)},
+        },
+        "retrain": like,
+    }
+    path = tmp_path / "c" / "x.npz"
+    tune.save_cache(path, trees)
+    got = tune.load_cache(path, {"original": like, "retrain": like})
+    np.testing.assert_array_equal(got["original"]["params"]["w"], np.ones((2, 3)))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.npz"]  # no temp file left
+    # Another model's shapes, a file holding a pickle, object arrays: refused, naming the file.
+    other = {"params": {"w": np.zeros((4, 3), np.float32)}, "batch_stats": {"m": np.zeros(3)}}
+    with pytest.raises(ValueError, match=r"x\.npz: original/params/w is float32\[2, 3\]"):
+        tune.load_cache(path, {"original": other, "retrain": like})
+    marker = tmp_path / "code-ran"
+    path.write_bytes(pickle.dumps(_WritesMarker(marker)))
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        tune.load_cache(path, {"original": like, "retrain": like})
+    np.savez(path, **{"original/params/w": np.array([_WritesMarker(marker)], dtype=object)})
+    with pytest.raises(ValueError, match="not a readable .npz|x.npz"):
+        tune.load_cache(path, {"original": like, "retrain": like})
+    assert not marker.exists()

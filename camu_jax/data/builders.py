@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import pickle
 import tarfile
 import zlib
@@ -36,6 +37,13 @@ _IDX_FILES = {
     "train_labels": "train-labels-idx1-ubyte.gz",
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+# The most an IDX file of MNIST or Fashion-MNIST may hold; checked against its header first.
+_IDX_MAX_SHAPES = {
+    "train_images": (60000, 28, 28),
+    "train_labels": (60000,),
+    "test_images": (10000, 28, 28),
+    "test_labels": (10000,),
 }
 
 
@@ -66,29 +74,49 @@ def fingerprint(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Decodes a (possibly gzipped) IDX file: byte 3 = ndim, big-endian uint32 dims, uint8 data."""
+def read_idx(path: str | Path, *, max_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Decodes a (possibly gzipped) IDX file: byte 3 = ndim, big-endian uint32 dims, uint8 data.
+
+    `max_shape` (items, *item dims): the header must give this many dimensions, these item
+    dims and at most this many items, or the file is refused before its data is decompressed:
+    a 2 MB gzip bomb whose header claims billions of bytes never gets them allocated. Only the
+    bytes the header accounts for are decompressed (one more shows the file is longer).
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise DataSourceError(path, f"not an unsigned-byte IDX file (magic {head!r})")
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataSourceError(path, f"IDX header for {ndim} dimensions is cut short")
+            dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+            if max_shape is not None and (
+                len(dims) != len(max_shape)
+                or dims[1:] != tuple(max_shape[1:])
+                or dims[0] > max_shape[0]
+            ):
+                raise DataSourceError(
+                    path,
+                    f"IDX header says shape {dims}; this file holds at most {tuple(max_shape)} "
+                    "(refused before decompressing; the file is damaged or not the upstream one)",
+                )
+            size = math.prod(dims)
+            data = f.read(size)
+            longer = len(data) == size and f.read(1) != b""
     except FileNotFoundError:
         raise
     # BadGzipFile (bad magic, CRC or length) is an OSError; a damaged deflate stream raises
     # zlib.error and a truncated one EOFError.
     except (OSError, EOFError, zlib.error) as e:
         raise _read_error(path, e) from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataSourceError(path, f"not an unsigned-byte IDX file (magic {raw[:4]!r})")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise DataSourceError(path, f"IDX header for {ndim} dimensions is cut short")
-    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DataSourceError(path, f"header says shape {tuple(dims)} but holds {data.size} bytes")
-    return data.reshape(tuple(dims))
+    if len(data) != size or longer:
+        held = "more than that" if longer else f"{len(data)} bytes"
+        raise DataSourceError(path, f"header says shape {dims} but holds {held}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 class _CamuBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -148,16 +176,17 @@ class _CamuBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # -- locating source files -------------------------------------------------------------
 
     @classmethod
-    def _manual_path(cls, dl_manager: tfds.download.DownloadManager) -> Path | None:
-        """The manual dir if it exists and is non-empty, else None (-> download instead).
-
-        `dl_manager.manual_dir` raises AssertionError for a missing/empty dir; an empty default
-        `<data_dir>/downloads/manual` just means "download", so that case is not an error.
-        """
+    def _manual_path(cls, dl_manager: tfds.download.DownloadManager) -> Path:
+        """The manual dir; FileNotFoundError, saying what to put there, if it is missing or
+        empty. Nothing is downloaded: offline is the normal case (clusters), where a download
+        retries for minutes (`loading.prepare` checks this before TFDS runs)."""
         try:
             return Path(dl_manager.manual_dir)
         except AssertionError:
-            return None
+            raise FileNotFoundError(
+                f"{cls.name}: no manual directory with the source files (nothing is "
+                f"downloaded). {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            ) from None
 
     @classmethod
     def _missing_files_error(cls, manual: Path, missing: list[str]) -> FileNotFoundError:
@@ -204,16 +233,13 @@ class _IdxBuilder(_CamuBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         manual = self._manual_path(dl_manager)
-        if manual is not None:
-            missing = [f for f in _IDX_FILES.values() if not (manual / f).is_file()]
-            if missing:
-                raise self._missing_files_error(manual, missing)
-            paths = {k: manual / f for k, f in _IDX_FILES.items()}
-        else:
-            paths = dl_manager.download({k: self.URL + f for k, f in _IDX_FILES.items()})
+        missing = [f for f in _IDX_FILES.values() if not (manual / f).is_file()]
+        if missing:
+            raise self._missing_files_error(manual, missing)
+        paths = {k: manual / f for k, f in _IDX_FILES.items()}
         arrays = {}
         for key, path in paths.items():
-            array = read_idx(path)
+            array = read_idx(path, max_shape=_IDX_MAX_SHAPES[key])
             got = fingerprint(array)
             if got != self.FINGERPRINTS[key]:
                 raise ValueError(
@@ -321,7 +347,7 @@ class _CifarBuilder(_CamuBuilder, skip_registration=True):
     IMAGE_SHAPE = (32, 32, 3)
     HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
     ARCHIVE: ClassVar[str]
-    ARCHIVE_MD5: ClassVar[str]  # Published on the homepage; checked for downloads only.
+    ARCHIVE_MD5: ClassVar[str]  # The upstream archive's, as published on the homepage.
     FOLDER: ClassVar[str]
     TRAIN_MEMBERS: ClassVar[tuple[str, ...]]
     TEST_MEMBERS: ClassVar[tuple[str, ...]]
@@ -336,22 +362,14 @@ class _CifarBuilder(_CamuBuilder, skip_registration=True):
     def _read_members(self, dl_manager) -> dict[str, tuple[str, bytes]]:
         """`{member: (where it was read, for error messages), its bytes}`."""
         manual = self._manual_path(dl_manager)
-        if manual is not None:
-            # Accept an extracted folder (`<manual>/<FOLDER>/...` or the files directly in
-            # `<manual>`) before the archive, since extracting is what most users have done.
-            for folder in (manual / self.FOLDER, manual):
-                if all((folder / m).is_file() for m in self._members()):
-                    return {m: (str(folder / m), _read_bytes(folder / m)) for m in self._members()}
-            archive = manual / self.ARCHIVE
-            if not archive.is_file():
-                raise self._missing_files_error(manual, [self.ARCHIVE])
-        else:
-            archive = Path(dl_manager.download(_CIFAR_URL + self.ARCHIVE))
-            md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-            if md5 != self.ARCHIVE_MD5:
-                raise ValueError(
-                    f"{self.name}: downloaded {archive} has md5 {md5}, expected {self.ARCHIVE_MD5}"
-                )
+        # Accept an extracted folder (`<manual>/<FOLDER>/...` or the files directly in
+        # `<manual>`) before the archive, since extracting is what most users have done.
+        for folder in (manual / self.FOLDER, manual):
+            if all((folder / m).is_file() for m in self._members()):
+                return {m: (str(folder / m), _read_bytes(folder / m)) for m in self._members()}
+        archive = manual / self.ARCHIVE
+        if not archive.is_file():
+            raise self._missing_files_error(manual, [self.ARCHIVE])
         return self._read_archive(archive)
 
     def _read_archive(self, archive: Path) -> dict[str, tuple[str, bytes]]:

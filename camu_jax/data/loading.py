@@ -22,7 +22,7 @@ from tensorflow_datasets.core.utils import tqdm_utils
 from tensorflow_datasets.proto import tf_example_pb2
 
 from camu_jax.data import catalog
-from camu_jax.data.builders import BUILDERS
+from camu_jax.data.builders import BUILDERS, DataSourceError
 
 SUPPORTED_DATASETS: tuple[str, ...] = catalog.NAMES
 DATA_DIR_ENV = "CAMU_DATA_DIR"
@@ -108,10 +108,23 @@ def prepare(
     manual_dir: str | None = None,
     progress: bool = True,
 ) -> tfds.core.DatasetBuilder:
-    """Builds the dataset's files under `data_dir` unless already there; returns the builder."""
+    """Builds the dataset's files under `data_dir` unless already there; returns the builder.
+
+    Nothing is downloaded: a dataset with source files (`REQUIRED_FILES`) that is not prepared
+    yet needs `manual_dir`, else FileNotFoundError says which files to put there. A prepared
+    dataset whose files are damaged is refused (`DataSourceError`) naming the folder to delete.
+    """
     cls = BUILDERS[_check_name(name)]
-    builder = cls(data_dir=_normalize_dir(data_dir) or default_data_dir())
+    builder = _builder(cls, _normalize_dir(data_dir) or default_data_dir())
     manual = _normalize_dir(manual_dir)
+    # Offline is the normal case (clusters): TFDS would retry a download for minutes and leave
+    # a temporary folder behind, so the rule is checked before any TFDS code runs.
+    if manual is None and cls.REQUIRED_FILES and not builder.data_path.exists():
+        raise FileNotFoundError(
+            f"{name} is not prepared in {builder.data_path.parent.parent} and camu_jax does not "
+            f"download: {cls.MANUAL_DOWNLOAD_INSTRUCTIONS.removesuffix('.')} and pass that "
+            "directory as manual_dir (--manual-dir)"
+        )
     # TFDS treats a missing or empty manual dir as "download instead", which is right for its
     # default `<data_dir>/downloads/manual` but hides a typo in a directory the caller named.
     # (The version folder only appears once preparation completed, so it means "prepared".)
@@ -128,6 +141,26 @@ def prepare(
     with _progress_bars(progress):
         builder.download_and_prepare(download_config=config, file_format="array_record")
     return builder
+
+
+def _builder(cls, data_dir: str) -> tfds.core.DatasetBuilder:
+    """`cls` on `data_dir`; a prepared folder whose metadata cannot be read (a truncated
+    dataset_info.json) is refused naming the folder."""
+    try:
+        return cls(data_dir=data_dir)
+    except Exception as e:
+        folder = Path(data_dir) / cls.name / str(cls.VERSION)
+        if not folder.exists():
+            raise
+        raise _damaged(folder, e) from e
+
+
+def _damaged(folder: str | os.PathLike, error: Exception) -> DataSourceError:
+    return DataSourceError(
+        folder,
+        f"the prepared dataset is damaged ({type(error).__name__}: {error}); delete this "
+        "folder and run again to prepare it anew from the source files",
+    )
 
 
 def _decode_records(records: list[bytes], image_shape: tuple[int, ...]):
@@ -188,7 +221,11 @@ def _load_cached(name: str, data_dir: str, manual_dir: str | None) -> Dataset:
     cls = BUILDERS[name]
     arrays = {}
     for split in ("train", "test"):
-        images, labels = _read_split(builder, split)
+        # Riegeli and protobuf report a damaged file without saying which dataset it is in.
+        try:
+            images, labels = _read_split(builder, split)
+        except Exception as e:
+            raise _damaged(builder.data_path, e) from e
         if labels.size and (labels.min() < 0 or labels.max() >= cls.NUM_CLASSES):
             raise ValueError(f"{name}/{split}: labels outside [0, {cls.NUM_CLASSES})")
         arrays[f"{split}_images"] = images
@@ -217,8 +254,9 @@ def load_dataset(
       name: one of `SUPPORTED_DATASETS`.
       data_dir: TFDS data directory; default `$CAMU_DATA_DIR` or `~/tensorflow_datasets`.
       manual_dir: directory holding the source files (see each builder's
-        `MANUAL_DOWNLOAD_INSTRUCTIONS`); without it the builder downloads them. Only used
-        when the dataset is not yet prepared. `digits` needs nothing (scikit-learn ships it).
+        `MANUAL_DOWNLOAD_INSTRUCTIONS`); nothing is downloaded, so a dataset not yet prepared
+        needs it (FileNotFoundError otherwise, before anything is written). Only used when
+        the dataset is not yet prepared. `digits` needs nothing (scikit-learn ships it).
       progress: show TFDS progress bars while preparing (`False` hides them; `True` keeps
         TFDS's global setting, e.g. `tfds.disable_progress_bar()`).
 

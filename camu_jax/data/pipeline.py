@@ -69,20 +69,42 @@ class DeviceData:
     host_labels: np.ndarray
     spec: InputSpec
     mesh: Mesh
+    _placed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def put(
         cls, images, labels, *, spec: InputSpec | None = None, mesh: Mesh | None = None
     ) -> DeviceData:
         """Host `images`, `labels` on device; default `spec` none (`InputSpec()`), default
-        `mesh` every device (`sharding.make_mesh()`)."""
+        `mesh` every device (`sharding.make_mesh()`).
+
+        Raises ValueError, naming the shapes or values, unless `labels` are `[N]` integer
+        class indices (>= 0) for the `N` rows of `images`."""
         from camu_jax import sharding
 
         spec = InputSpec() if spec is None else spec
         mesh = sharding.make_mesh() if mesh is None else mesh
-        host_labels = np.asarray(labels, np.int32)
-        dev_images, dev_labels = sharding.replicate((np.asarray(images), host_labels), mesh)
+        images = np.asarray(images)
+        if images.ndim != 4:  # [N, H, W] would be read as H rows of W-channel pixels
+            raise ValueError(
+                f"images must be [N, H, W, C], with a channel axis (images[..., None] for "
+                f"greyscale); got shape {images.shape}"
+            )
+        host_labels = _class_indices(labels, images.shape)
+        dev_images, dev_labels = sharding.replicate((images, host_labels), mesh)
         return cls(dev_images, dev_labels, host_labels, spec, mesh)
+
+    def on(self, mesh: Mesh) -> DeviceData:
+        """This split replicated over `mesh` instead (a phase's placement, `engine.place`);
+        itself when `mesh` is its own; one copy per mesh, kept."""
+        if mesh == self.mesh:
+            return self
+        if mesh not in self._placed:
+            from camu_jax import sharding
+
+            images, labels = sharding.move_replicated((self.images, self.labels), mesh)
+            self._placed[mesh] = DeviceData(images, labels, self.host_labels, self.spec, mesh)
+        return self._placed[mesh]
 
     def joined(self, other: DeviceData) -> DeviceData:
         """This split's rows, then `other`'s (same spec and mesh), in one device array."""
@@ -102,6 +124,31 @@ class DeviceData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.spec.input_shape(tuple(self.images.shape[1:]))
+
+
+def _class_indices(labels, image_shape: tuple[int, ...]) -> np.ndarray:
+    """`labels` as int32 `[N]`, refused unless they are integer class indices (>= 0) for
+    `image_shape[0]` images: a cast would truncate float labels and wrap huge ones."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one class index per image, [N]; got shape {labels.shape}")
+    if not image_shape or image_shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"images of shape {image_shape} and labels of shape {labels.shape} differ in rows: "
+            "one label per image"
+        )
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels of dtype {labels.dtype} (first {labels[:5].tolist()}): class indices must "
+            "be integers (an integer dtype; floats would be truncated)"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
+        rows = np.flatnonzero((labels < 0) | (labels > np.iinfo(np.int32).max))
+        raise ValueError(
+            f"labels {labels[rows[:10]].tolist()} at rows {rows[:10].tolist()}: class indices "
+            "must lie in 0..num_classes-1"
+        )
+    return labels.astype(np.int32)
 
 
 @functools.lru_cache(maxsize=8)

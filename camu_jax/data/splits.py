@@ -44,6 +44,10 @@ class Splits:
     remain: np.ndarray
     sample: np.ndarray
     repeat: int = 1
+    # Rows deliberately in neither D_f nor D_r (a validation set held out of D_r, as
+    # `experiments.tune` holds one): the library's checks then accept that forget + remain
+    # do not cover the data (`camu_jax.checks.check_splits`).
+    held_out: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     def sizes(self) -> dict[str, int]:
         return {

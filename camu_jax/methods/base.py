@@ -28,7 +28,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from camu_jax import engine, sharding
+from camu_jax import checks, engine, sharding
 from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess, shuffled_batches
 from camu_jax.data.splits import Splits
 
@@ -277,6 +277,9 @@ def run_population(
     if on_divergence not in ("raise", "record"):
         raise ValueError(f"on_divergence must be 'raise' or 'record', got {on_divergence!r}")
     method.validate()
+    checks.check_splits(splits, data)
+    checks.check_labels(data, num_classes)
+    checks.check_model_classes(model, ("data", data), num_classes=num_classes)
     sharding.check_batch_size(method.batch_size, data.mesh)
     count = len(originals)
     names = list(names or [f"{method.name} {i}" for i in range(count)])
@@ -288,21 +291,27 @@ def run_population(
         for s, sp in zip(seeds, splits, strict=True)
     ]
     stages = method.stages()
-    engines = [
-        _engine(method, i, model, data.spec, data.mesh, use_scan) for i in range(len(stages))
-    ]
     # One chunk length per stage for every wave (a scan's length is part of its shape).
     chunks = [
         max(1, min(chunk_steps, max(len(next(iter(st.plan(c, 0).values()))) for c in ctxs)))
         for st in stages
     ]
-    size = engine.population_size(
-        population_size,
-        count,
-        data.mesh,
-        _memory_probe(method, model, engines, chunks, originals, data, ctxs),
-        what=method.name,
+
+    def engines_on(mesh):
+        return [_engine(method, i, model, data.spec, mesh, use_scan) for i in range(len(stages))]
+
+    def probe(mesh, size, timed):
+        return _probe(
+            method, model, engines_on(mesh), chunks, originals, data.on(mesh), ctxs, size, timed
+        )
+
+    steps = sum(st.epochs * len(next(iter(st.plan(c, 0).values()))) for st in stages for c in ctxs)
+    placement = engine.place(
+        population_size, count, data.mesh, probe, steps=steps, what=method.name
     )
+    data = data.on(placement.mesh)
+    engines = engines_on(data.mesh)
+    size = placement.size
     results: list = [None] * count
     for wave in engine.waves(count, size):
         outs = _run_wave(
@@ -347,21 +356,21 @@ def _member_data(method, model, originals, data, ctxs):
     return member
 
 
-def _memory_probe(method, model, engines, chunks, originals, data, ctxs):
-    """`per_member(size)` for `engine.population_size`: the first stage of a wave of the first
-    `size` members."""
-
-    def per_member(size):
-        pad = functools.partial(engine.pad_members, size=size)
-        wave_ctxs = pad(ctxs[:size])
-        member = _member_data(method, model, pad(originals[:size]), data, wave_ctxs)
-        state = engines[0].init(_stack(pad(originals[:size])))
-        stage = method.stages()[0]
-        plan = engine.stack_plans([stage.plan(c, 0) for c in wave_ctxs])
-        part = {k: v[:, : chunks[0]] for k, v in engine.pad_steps(plan, chunks[0]).items()}
-        return engines[0].memory_per_member(state, (data.images, data.labels), member, part)
-
-    return per_member
+def _probe(method, model, engines, chunks, originals, data, ctxs, size, timed):
+    """`engine.place`'s probe: bytes per member of the first stage of a wave of the first
+    `size` members (padded), and with `timed` the seconds of one of its steps."""
+    pad = functools.partial(engine.pad_members, size=size)
+    wave_ctxs = pad(ctxs[:size])
+    member = _member_data(method, model, pad(originals[:size]), data, wave_ctxs)
+    state = engines[0].init(_stack(pad(originals[:size])))
+    stage = method.stages()[0]
+    plan = engine.stack_plans([stage.plan(c, 0) for c in wave_ctxs])
+    part = {k: v[:, : chunks[0]] for k, v in engine.pad_steps(plan, chunks[0]).items()}
+    shared = (data.images, data.labels)
+    need = engines[0].memory_per_member(state, shared, member, part)
+    if not timed:
+        return need, None, 0.0
+    return need, *engines[0].step_seconds(state, shared, member, part)
 
 
 def _run_wave(

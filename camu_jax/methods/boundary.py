@@ -68,7 +68,7 @@ def _fgsm_program(model, spec, mesh, bound: float, augment: bool):
         x = preprocess(images[rows], spec, augment_keys=keys)
         return fgsm_labels(model, variables, x, labels[rows], mean=mean, std=std, bound=bound)
 
-    vmapped = jax.vmap(one, in_axes=(0, None, None, 0, 0, 0), spmd_axis_name=sharding.MEMBER_AXIS)
+    vmapped = sharding.vmap_members(one, mesh, (0, None, None, 0, 0, 0))
     return jax.jit(vmapped)
 
 

@@ -144,8 +144,8 @@ def _noise_program(model, mesh, shape: tuple[int, ...], learning_rate: float, we
         noise = jax.random.normal(jax.random.wrap_key_data(key), shape, jnp.result_type(float))
         return noise, tx.init(noise)
 
-    vstep = jax.vmap(one, spmd_axis_name=sharding.MEMBER_AXIS)
-    vstart = jax.vmap(start, spmd_axis_name=sharding.MEMBER_AXIS)
+    vstep = sharding.vmap_members(one, mesh, (0, 0, 0, 0))
+    vstart = sharding.vmap_members(start, mesh, (0,))
 
     def pin(tree):
         return sharding.constrain_members(tree, mesh)

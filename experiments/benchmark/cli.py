@@ -16,7 +16,7 @@ from pathlib import Path
 from experiments.benchmark import study
 from experiments.benchmark.data import DEFAULT_MNIST_DIR, MNIST_SHAPE, PRESETS
 
-SECTIONS = ("step", "end_to_end", "eval", "memory", "wgrad_chunking", "study")
+SECTIONS = ("step", "end_to_end", "eval", "memory", "wgrad_chunking", "study", "placement")
 DEFAULT_SECTIONS = "step,end_to_end,eval,memory"
 # Every step benchmark of any backend (`steps.step_configs`); a name absent on this backend is
 # reported as skipped.
@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SECTIONS,
         help=f"comma-separated subset of {','.join(SECTIONS)} (default {DEFAULT_SECTIONS}; "
         "wgrad_chunking, an ablation of the CPU weight-gradient chunking, and study, a whole "
-        "study in population and sequential mode, run only when named)",
+        "study in population and sequential mode, and placement, the default placement against "
+        "one run at a time on the MNIST job, the digits main job and the digits study, run only "
+        "when named)",
     )
     parser.add_argument(
         "--steps",
@@ -62,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.set_num_threads for the PyTorch side (default: PyTorch's own choice)",
     )
     study.add_arguments(parser)
+    parser.add_argument(
+        "--placement-scenarios",
+        default=None,
+        help="--only placement: comma-separated scenarios (default mnist_class0, "
+        "mnist_random10, mnist_classes01, digits_main, digits_study; reference_class0 and "
+        "reference_random10, the 20-epoch MNIST reference jobs beside the PyTorch port, run only "
+        "when named)",
+    )
     parser.add_argument("--memory-worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--payload", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=2, help=argparse.SUPPRESS)
@@ -98,6 +108,13 @@ def main(argv=None) -> int:
             study_args = study.args_from_cli(args)
         except ValueError as e:
             parser.error(str(e))
+
+    placement_names = None
+    if "placement" in sections:
+        from experiments.benchmark.placement import ALL_SCENARIOS, DEFAULT_SCENARIOS
+
+        text = args.placement_scenarios or ",".join(DEFAULT_SCENARIOS)
+        placement_names = _csv(text, ALL_SCENARIOS, "--placement-scenarios", parser)
 
     from experiments.benchmark import env
     from experiments.reporting import atomic_write_bytes
@@ -161,6 +178,10 @@ def main(argv=None) -> int:
         results["memory"] = memory
     if study_args is not None:
         results["study"], status = _study(study_args, args.study_repeats)
+    if "placement" in sections:
+        from experiments.benchmark.placement import bench_placement
+
+        results["placement"] = bench_placement(placement_names, args.mnist_dir)
 
     results["device"]["loadavg_end"] = list(os.getloadavg())
     results["total_s"] = time.perf_counter() - started

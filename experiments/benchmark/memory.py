@@ -51,7 +51,8 @@ def memory_worker(side: str, payload: Path, epochs: int) -> dict:
             sample = arrays["sample"]
 
         out["rss_after_import_mb"] = _peak_rss_mb()
-        state_dict = torch.load(payload / "cnn.pt")
+        # Tensors only: a payload file must not be able to run code when loaded.
+        state_dict = torch.load(payload / "cnn.pt", weights_only=True)
         TorchEndToEnd(data, state_dict).run("mnist_class", _Splits, epochs, seed=0)
         if torch.cuda.is_available():
             out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -152,6 +152,10 @@ def print_table(results: dict) -> None:
         else:
             _print_rows(_study_rows(results["study"]))
             print_study_note(results["study"])
+    if "placement" in results:
+        from experiments.benchmark.placement import print_placement
+
+        print_placement(results["placement"])
     d = results["device"]
     data = f"; data: {results['data']}" if "data" in results else ""
     print(

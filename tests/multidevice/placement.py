@@ -1,0 +1,93 @@
+"""Run in its own process with two fake CPU devices (the main job's layout on a 2-core CPU);
+prints JSON: the placements `engine.place` chooses and those a study records in results.json.
+
+Nothing here is timed: the timed probe is given fixed timings, so its choice is checked as a
+rule (the faster candidate in member-steps per second wins).
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+from camu_jax import engine, sharding  # noqa: E402
+
+
+def fake_probe(stacked_s: float, single_s: float, calls: list, one_s=None, compile_s=1.0):
+    """A probe whose step of a stacked wave takes `stacked_s`, of one member per device
+    `single_s` and of one member on one device `one_s` (default `single_s`); 100 MiB a member;
+    every program compiled in `compile_s`."""
+
+    def probe(mesh, size, timed):
+        rows = sharding.member_devices(mesh)
+        calls.append((rows, size, timed))
+        if not timed:
+            return 100 * 2**20, None, compile_s
+        if rows == 1 and size == 1 and one_s is not None:
+            return 100 * 2**20, one_s, compile_s
+        return 100 * 2**20, (single_s if size == rows else stacked_s), compile_s
+
+    return probe
+
+
+def main():
+    assert jax.device_count() == 2
+    mesh = sharding.make_mesh(member_devices=2)
+    out = {}
+    quiet = {"log": None}
+    out["one"] = engine.place(None, 1, mesh, fake_probe(1.0, 1.0, []), **quiet).record()
+    out["one_requested_1"] = engine.place(1, 1, mesh, **quiet).record()
+    out["five_requested_1"] = engine.place(1, 5, mesh, **quiet).record()
+    out["two"] = engine.place(None, 2, mesh, **quiet).record()
+    out["three_unprobed"] = engine.place(None, 3, mesh, **quiet).record()
+    # 10 members: stacked (5 per device) against one per device. Stacked 5x in 2 s: 5 member-
+    # steps/s per... 10 / 2 s = 5 against 2 / 1 s = 2: stacked wins; 10 / 8 s < 2 / 1 s: not.
+    calls = []
+    out["ten_stacked_faster"] = engine.place(None, 10, mesh, fake_probe(2.0, 1.0, calls), **quiet)
+    out["ten_stacked_faster"] = out["ten_stacked_faster"].record()
+    out["ten_stacked_faster_calls"] = calls
+    calls = []
+    slower = engine.place(None, 10, mesh, fake_probe(8.0, 1.0, calls), **quiet)
+    out["ten_stacked_slower"] = slower.record()
+    out["ten_stacked_slower_calls"] = calls
+    out["ten_stacked_slower_mesh"] = [str(d) for d in slower.mesh.devices.flat]
+    # Two members, two devices: spread only when it can pay back its compile (1 s here).
+    # 100 steps of 10 ms one at a time could save at most 0.5 s: one device, no probe of two.
+    calls = []
+    short = engine.place(None, 2, mesh, fake_probe(0, 0.012, calls, 0.01), steps=100, **quiet)
+    out["two_short"], out["two_short_calls"] = short.record(), calls
+    # 1000 steps could save 5 s: both timed; 2 / 12 ms = 167 member-steps/s beats 1 / 10 ms
+    calls = []
+    long = engine.place(None, 2, mesh, fake_probe(0, 0.012, calls, 0.01), steps=1000, **quiet)
+    out["two_long"], out["two_long_calls"] = long.record(), calls
+    # ... and 2 / 30 ms = 67 does not
+    slow = engine.place(None, 2, mesh, fake_probe(0, 0.03, [], 0.01), steps=1000, **quiet)
+    out["two_long_slow"] = slow.record()
+    try:
+        engine.place(None, 0, mesh, **quiet)
+        out["zero_error"] = None
+    except ValueError as e:
+        out["zero_error"] = str(e)
+
+    # A whole study of one run, as `python -m experiments.unlearn` runs it on two CPU devices:
+    # every phase's recorded placement.
+    from experiments.configs import ExperimentConfig
+    from experiments.run import run_experiment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ExperimentConfig(
+            original_epochs=1, relearn=True, workdir=tmp, progress=False, eval_workers=1
+        )
+        results = run_experiment(config, log=lambda *_: None)
+    out["study_mesh"] = results["mesh"]
+    out["study_phases"] = {p["phase"]: p["placement"] for p in results["phases"]}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

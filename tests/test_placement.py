@@ -1,0 +1,95 @@
+"""The placement of a phase's members on the devices (`engine.place`), on two fake CPU devices
+in a separate process: a one-member phase (every phase of a single run) has no padding members
+and no batch split, on one device; larger phases fill the devices; the timed probe's choice
+follows the measured member-steps per second. Checked on what the engine records, nothing
+timed (issue 22: the default CPU path had trained one run as two members, 6x slower)."""
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def report(run_script):
+    return run_script("placement.py", timeout=900)
+
+
+def _layout(record):
+    return {
+        k: record[k]
+        for k in ("members", "member_devices", "data_devices", "wave_size", "padding_members")
+    }
+
+
+def test_one_member_runs_alone_on_one_device(report):
+    one = {"members": 1, "member_devices": 1, "data_devices": 1, "wave_size": 1}
+    for key in ("one", "one_requested_1"):
+        assert _layout(report[key]) == {**one, "padding_members": 0}, key
+
+
+def test_population_size_one_runs_one_at_a_time_on_one_device(report):
+    r = report["five_requested_1"]
+    assert _layout(r) == {
+        "members": 5,
+        "member_devices": 1,
+        "data_devices": 1,
+        "wave_size": 1,
+        "padding_members": 0,
+    }
+    assert r["waves"] == 5
+
+
+def test_members_fill_the_devices(report):
+    assert _layout(report["two"])["member_devices"] == 2
+    assert report["two"]["padding_members"] == 0
+    three = report["three_unprobed"]  # more members than devices: one wave, one padding
+    assert (three["member_devices"], three["wave_size"], three["padding_members"]) == (2, 4, 1)
+
+
+def test_timed_probe_picks_the_faster_layout(report):
+    fast = report["ten_stacked_faster"]
+    assert (fast["wave_size"], fast["members_per_device"], fast["padding_members"]) == (10, 5, 0)
+    assert fast["probe_member_steps_per_s"] == {"5_per_device": 5.0, "1_per_device": 2.0}
+    slow = report["ten_stacked_slower"]
+    assert (slow["wave_size"], slow["members_per_device"], slow["waves"]) == (2, 1, 5)
+    assert slow["probe_member_steps_per_s"] == {"5_per_device": 1.2, "1_per_device": 2.0}
+    assert "one member per device" in slow["rule"]
+    # memory first (untimed, the whole wave), then the two timed candidates
+    assert [tuple(c) for c in report["ten_stacked_slower_calls"]] == [
+        (2, 10, False),
+        (2, 10, True),
+        (2, 2, True),
+    ]
+    assert len(report["ten_stacked_slower_mesh"]) == 2
+
+
+def test_few_members_spread_only_when_it_pays_back_the_compile(report):
+    short = report["two_short"]
+    assert (short["member_devices"], short["wave_size"], short["waves"]) == (1, 1, 2)
+    assert "compiling costs" in short["rule"]
+    assert [tuple(c) for c in report["two_short_calls"]] == [(1, 1, True)]
+    spread = report["two_long"]
+    assert (spread["member_devices"], spread["wave_size"], spread["waves"]) == (2, 2, 1)
+    assert spread["probe_member_steps_per_s"] == {"1_per_device": 166.7, "one_device": 100.0}
+    assert [tuple(c) for c in report["two_long_calls"]] == [(1, 1, True), (2, 2, True)]
+    slow = report["two_long_slow"]
+    assert (slow["member_devices"], slow["wave_size"], slow["padding_members"]) == (1, 1, 0)
+
+
+def test_a_phase_of_no_members_is_refused(report):
+    assert "at least one member" in report["zero_error"] and "0" in report["zero_error"]
+
+
+def test_single_run_study_records_unpadded_phases(report):
+    # The study's mesh puts both devices on the member axis (population mode) ...
+    assert report["study_mesh"] == {"member": 2, "data": 1}
+    phases = report["study_phases"]
+    assert set(phases) == {"original", "retrain", "camu", "relearn", "evaluation"}
+    for phase, records in phases.items():
+        assert records, phase  # every phase records its placement
+        for r in records:
+            # ... and no program has a padding member or splits a batch; a phase of one model
+            # (every phase but relearning, which relearns CaMU's and the retrain's) uses one
+            # device
+            assert r["data_devices"] == 1 and r["padding_members"] == 0, (phase, r)
+            assert r["member_devices"] <= r["members"], (phase, r)
+        if phase != "relearn":
+            assert all(r["members"] == 1 and r["member_devices"] == 1 for r in records), phase
