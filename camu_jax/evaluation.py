@@ -380,7 +380,8 @@ def evaluate(
 ):
     """`score` for every model `variables[i]` on its run's splits.
 
-    Forward passes run `population_size` models at a time (default all; a forward pass's
+    Forward passes run `population_size` models at a time (default all, on as many devices as
+    there are models, `engine.place`; a forward pass's
     activations are bounded by `IMAGES_PER_CALL` whatever the count) in one batched device pass
     over train and test images; the attacks of different models are fitted in `workers`
     parallel processes (default: the usable cores; 1 scores in this process). The values do

@@ -296,8 +296,6 @@ def vmap_members(fn, mesh: Mesh, in_axes: tuple) -> Any:
         return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=MEMBER_AXIS)
     local = jax.vmap(fn, in_axes=in_axes)
     specs = tuple(P(MEMBER_AXIS) if a == 0 else P() for a in in_axes)
-    kwargs = dict(mesh=mesh, in_specs=specs, out_specs=P(MEMBER_AXIS))
-    try:
-        return jax.shard_map(local, check_vma=False, **kwargs)
-    except TypeError:  # pragma: no cover - a JAX without `check_vma`
-        return jax.shard_map(local, **kwargs)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=specs, out_specs=P(MEMBER_AXIS), check_vma=False
+    )

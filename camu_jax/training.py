@@ -168,7 +168,8 @@ def train_population(
     desc: str = "train",
 ) -> list[tuple[dict, dict]]:
     """Trains every member (initial `variables[i]`, items `items[i]`, seed `seeds[i]`) with
-    `config`, at most `population_size` members at a time (default: all).
+    `config`, at most `population_size` members at a time (default: the layout `engine.place`
+    chooses for the phase).
 
     Args:
       data: the training split on device.

@@ -46,3 +46,18 @@ def run_script():
     """`run_script(name, *args, env=None, timeout=1500) -> dict`: a tests/multidevice script's
     JSON report (`_run_script`)."""
     return _run_script
+
+
+@pytest.fixture(scope="session")
+def random_images_96():
+    """96 random 8x8 uint8 images with labels 0..9, on device over every device: the training
+    and checkpoint tests' small problem."""
+    import numpy as np
+
+    from camu_jax import sharding
+    from camu_jax.data.pipeline import DeviceData, InputSpec
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (96, 8, 8, 1)).astype(np.uint8)
+    labels = rng.integers(0, 10, 96).astype(np.int32)
+    return DeviceData.put(images, labels, spec=InputSpec(), mesh=sharding.make_mesh())

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from camu_jax import checkpointing, sharding
-from camu_jax.data.pipeline import DeviceData, InputSpec
 from camu_jax.models import create_model, init_variables
 from camu_jax.steps import adam_l2, init_train_state
 from camu_jax.training import TrainConfig, train_model
@@ -14,11 +13,8 @@ N = 96
 
 
 @pytest.fixture(scope="module")
-def problem():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (N, 8, 8, 1)).astype(np.uint8)
-    labels = rng.integers(0, 10, N).astype(np.int32)
-    return DeviceData.put(images, labels, spec=InputSpec(), mesh=sharding.make_mesh())
+def problem(random_images_96):
+    return random_images_96
 
 
 def _train(problem, epochs, ckpt=None, meta=None, model="cnn"):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import assert_one_line_error
 
 from camu_jax.data import builders
 from camu_jax.data.builders import DataSourceError
@@ -33,15 +34,6 @@ def run_main(*args):
         cwd=ROOT,
         timeout=900,
     )
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    for needle in needles:
-        assert str(needle) in lines[0]
 
 
 # -- damaged IDX .gz files ----------------------------------------------------------------------

@@ -14,8 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from camu_jax import checkpointing, sharding
-from camu_jax.data.pipeline import DeviceData, InputSpec
+from camu_jax import checkpointing
 from camu_jax.models import create_model, init_variables
 from camu_jax.training import TrainConfig, train_model
 
@@ -88,11 +87,8 @@ def test_a_waiter_blocks_until_the_holder_releases(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def problem():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (N, 8, 8, 1)).astype(np.uint8)
-    labels = rng.integers(0, 10, N).astype(np.int32)
-    return DeviceData.put(images, labels, spec=InputSpec(), mesh=sharding.make_mesh())
+def problem(random_images_96):
+    return random_images_96
 
 
 def _train(problem, ckpt):

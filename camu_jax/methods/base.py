@@ -262,8 +262,8 @@ def run_population(
     on_divergence: str = "raise",
 ) -> list[tuple[dict, dict]]:
     """Runs `method` from every frozen original `originals[i]` on `splits[i]`, `seeds[i]`, at
-    most `population_size` members at a time (default all); returns per member
-    `(variables, info)`.
+    most `population_size` members at a time (default: the layout `engine.place` chooses for
+    the phase); returns per member `(variables, info)`.
 
     info: `seconds` (the member's share of its wave's wall time: preparation + unlearning,
     compile included, the reference's "time"), `construct_seconds` (preparation),
