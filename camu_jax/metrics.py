@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from camu_jax.results import GAP_KEYS
+
 # sklearn and xgboost take ~2-3 s to import, so the attacks import them when called and
 # `import camu_jax.metrics` (e.g. from reporting) stays cheap. The backend is fixed here: an
 # installed but broken xgboost raises instead of silently switching to another attack.
@@ -28,7 +30,8 @@ MIA_BACKEND = (
     "xgboost" if importlib.util.find_spec("xgboost") is not None else "sklearn-gradient-boosting"
 )
 
-SCORE_KEYS = ("UA", "RA", "TA", "MIA-efficacy")
+# The SalUn scores `unlearning_scores` returns: the keys of Avg. Gap (`results.GAP_KEYS`).
+SCORE_KEYS = GAP_KEYS
 
 
 def _as_2d(name: str, x) -> np.ndarray:
@@ -305,12 +308,12 @@ def unlearning_scores(
     *, forget_acc: float, remain_acc: float, test_acc: float, mia_efficacy: float
 ) -> dict[str, float]:
     """SalUn table metrics: ``UA = 100 - acc(D_f)``, ``RA = acc(D_r)``, ``TA = acc(test)``,
-    ``MIA-efficacy`` (all percent)."""
+    ``mia_efficacy`` (all percent), keyed as `SCORE_KEYS`."""
     return {
         "UA": 100.0 - float(forget_acc),
         "RA": float(remain_acc),
         "TA": float(test_acc),
-        "MIA-efficacy": float(mia_efficacy),
+        "mia_efficacy": float(mia_efficacy),
     }
 
 
@@ -326,7 +329,7 @@ def avg_gap(
     return float(np.mean([abs(float(scores[k]) - float(retrain_scores[k])) for k in keys]))
 
 
-def add_gaps(methods: dict[str, dict], keys: Iterable[str] = ("UA", "RA", "TA", "mia_efficacy")):
+def add_gaps(methods: dict[str, dict], keys: Iterable[str] = GAP_KEYS):
     """Adds `avg_gap` (to `methods["retrain"]` over `keys`) and `rte` (retrain seconds / the
     method's `seconds`; None for `original`) to every method's metrics of one run, in place.
     A method without scores (`"diverged"` in its entry) gets `avg_gap` None."""

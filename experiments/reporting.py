@@ -11,12 +11,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import math
 import os
 import re
 import socket
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,78 +23,37 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from camu_jax.metrics import mean_std
+from camu_jax.results import (
+    METHOD_ORDER,
+    METRIC_ORDER,
+    PER_CLASS_COLUMNS,
+    REFERENCE_COLUMNS,
+    SALUN_COLUMNS,
+    method_order,
+    method_title,
+    metric_keys,
+    summarize,
+    table,
+)
+from camu_jax.results import METHOD_TITLES as METHOD_NAMES
+from camu_jax.results import number as _number
 
-METHOD_ORDER = ("original", "retrain", "camu")
-METHOD_NAMES = {
-    "original": "Original",
-    "retrain": "Retrain",
-    "camu": "CaMU",
-    "ft": "FT",
-    "ga": "GA",
-    "neggrad_plus": "NegGrad+",
-    "rl": "RL",
-    "amnesiac": "Amnesiac",
-    "l1_sparse": "l1-sparse",
-    "salun": "SalUn",
-    "boundary_shrink": "Boundary shrink",
-    "boundary_expand": "Boundary expand",
-    "unsir": "UNSIR",
-    "bad_teacher": "Bad Teacher",
-    "scrub": "SCRUB",
-    "ssd": "SSD",
-    "unrolling": "Unrolling SGD",
-}
-# Preferred column order; unknown numeric keys follow, sorted.
-METRIC_ORDER = (
-    "UA",
-    "RA",
-    "TA",
-    "mia_efficacy",
-    "avg_gap",
-    "rte",
-    "seconds",
-    "remain_train_acc",
-    "forget_train_acc",
-    "test_acc",
-    "test_remain_acc",
-    "test_forget_acc",
-    "mia",
-    "loss_attack",
-)
-SALUN_COLUMNS = (
-    ("UA", "UA"),
-    ("RA", "RA"),
-    ("TA", "TA"),
-    ("mia_efficacy", "MIA-efficacy"),
-    ("avg_gap", "Avg. Gap"),
-    ("seconds", "Time (s)"),
-    ("rte", "RTE"),
-)
-REFERENCE_COLUMNS = (
-    ("remain_train_acc", "acc D_r"),
-    ("forget_train_acc", "acc D_f"),
-    ("test_acc", "acc test"),
-    ("test_remain_acc", "acc test remain"),
-    ("test_forget_acc", "acc test forget"),
-    ("mia", "MIA (ref.)"),
-    ("loss_attack", "Loss attack"),
-)
-PER_CLASS_COLUMNS = (
-    ("UA", "UA"),
-    ("RA", "RA"),
-    ("TA", "TA"),
-    ("mia_efficacy", "MIA-efficacy"),
-    ("avg_gap", "Avg. Gap"),
-    ("mia", "MIA (ref.)"),
-)
+# The schema (metric titles, column sets, method titles, `summarize`) is `camu_jax.results`'s;
+# the names above stay importable from here.
+__all__ = [
+    "METHOD_NAMES",
+    "METHOD_ORDER",
+    "METRIC_ORDER",
+    "PER_CLASS_COLUMNS",
+    "REFERENCE_COLUMNS",
+    "SALUN_COLUMNS",
+    "atomic_write_bytes",
+    "build_reports",
+    "method_order",
+    "remove_stale_temp_files",
+    "summarize",
+]
 SPLIT_KEYS = ("forget", "remain", "sample", "test")
-
-
-def _number(value) -> float | None:
-    """A finite float, or None for null, NaN, booleans and non-numbers (nothing to average)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _is_int(value) -> bool:
@@ -158,48 +116,6 @@ def _group(value) -> tuple[int, ...] | None:
 def _group_label(group: tuple[int, ...]) -> str:
     """`(0,)` -> "0"; `(0, 1)`, forgotten together -> "0+1"."""
     return "+".join(map(str, group))
-
-
-def method_order(runs: Iterable[Mapping]) -> list[str]:
-    """original, retrain, camu (those present), then other methods in order of appearance."""
-    seen: list[str] = []
-    for run in runs:
-        seen.extend(m for m in run["methods"] if m not in seen)
-    return [m for m in METHOD_ORDER if m in seen] + [m for m in seen if m not in METHOD_ORDER]
-
-
-def _metric_keys(runs: Iterable[Mapping]) -> list[str]:
-    keys = {
-        k
-        for run in runs
-        for metrics in run["methods"].values()
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) or v is None
-    }
-    return [k for k in METRIC_ORDER if k in keys] + sorted(keys - set(METRIC_ORDER))
-
-
-def summarize(runs: Iterable[Mapping]) -> dict[str, dict[str, dict[str, float]]]:
-    """The ``summary`` block: ``{method: {metric: {"mean", "std"}}}`` over runs.
-
-    Population std (ddof=0), as the reference. Nulls, NaNs and non-numbers are skipped; a metric
-    with no numeric value for a method is left out.
-    """
-    runs = list(runs)
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    for method in method_order(runs):
-        per_metric: dict[str, dict[str, float]] = {}
-        for key in _metric_keys(runs):
-            values = [
-                v
-                for run in runs
-                if (v := _number(run["methods"].get(method, {}).get(key))) is not None
-            ]
-            if values:
-                mean, std = mean_std(values)
-                per_metric[key] = {"mean": mean, "std": std}
-        summary[method] = per_metric
-    return summary
 
 
 # The temp file names the writing process (host and pid), so a later cleanup can tell a file
@@ -278,7 +194,7 @@ def remove_stale_temp_files(*directories: Path) -> list[Path]:
 
 
 def _csv_text(results: Mapping, runs: list[dict]) -> str:
-    keys = _metric_keys(runs)
+    keys = metric_keys(runs)
     header = (
         ["dataset", "scenario", "forget_class", "seed", "method"]
         + [f"n_{k}" for k in SPLIT_KEYS]
@@ -304,35 +220,6 @@ def _csv_text(results: Mapping, runs: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _cell(runs: list[dict], method: str, key: str) -> str:
-    values = [
-        v for run in runs if (v := _number(run["methods"].get(method, {}).get(key))) is not None
-    ]
-    # A mean over fewer runs than the others says so: runs where the method diverged have no
-    # scores (see results.json's "diverged" entries).
-    diverged = sum("diverged" in run["methods"].get(method, {}) for run in runs)
-    if not values:
-        return "diverged" if diverged else "–"
-    mean, std = mean_std(values)
-    digits = 3 if key == "loss_attack" else 2
-    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
-    if diverged and key not in ("seconds", "rte"):
-        text += f" ({len(values)} runs; {diverged} diverged)"
-    return text
-
-
-def _table(runs: list[dict], methods: list[str], columns, lead=()) -> list[str]:
-    head = [name for name, _ in lead] + ["Method"] + [label for _, label in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method in methods:
-        if not any(method in run["methods"] for run in runs):
-            continue
-        cells = [value for _, value in lead] + [METHOD_NAMES.get(method, method)]
-        cells += [_cell(runs, method, key) for key, _ in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def _classes(runs: list[dict]) -> list[tuple[int, ...]]:
     """The forgotten class groups of `runs`, sorted: `(c,)` per class, `(0, 1)` for classes
     forgotten together."""
@@ -353,7 +240,7 @@ def _markdown_text(results: Mapping, runs: list[dict]) -> str:
         "",
         "## SalUn metrics",
         "",
-        *_table(runs, methods, SALUN_COLUMNS),
+        table(runs, SALUN_COLUMNS, markdown=True, methods=methods),
         "",
         "The Retrain row is the target: UA, RA, TA and MIA-efficacy are better the closer "
         "they are to Retrain's, Avg. Gap (mean |difference| to Retrain over those four) is "
@@ -361,7 +248,7 @@ def _markdown_text(results: Mapping, runs: list[dict]) -> str:
         "",
         "## CaMU reference metrics",
         "",
-        *_table(runs, methods, REFERENCE_COLUMNS),
+        table(runs, REFERENCE_COLUMNS, markdown=True, methods=methods),
         "",
         "Accuracies in percent. MIA (ref.) is the CaMU code's XGBoost attack accuracy in "
         "percent (the reference logs a fraction), lower = D_f looks less like members; Loss "
@@ -371,12 +258,13 @@ def _markdown_text(results: Mapping, runs: list[dict]) -> str:
     if scenario == "class" and len(classes) > 1:
         lines += ["", "## Per forgotten class", ""]
         for i, cls in enumerate(classes):
-            block = _table(
+            block = table(
                 [r for r in runs if _group(r.get("forget_class")) == cls],
-                methods,
                 PER_CLASS_COLUMNS,
+                markdown=True,
+                methods=methods,
                 lead=(("Class", _group_label(cls)),),
-            )
+            ).splitlines()
             # One table for all classes: keep the header of the first block only.
             lines += block if i == 0 else block[2:]
     return "\n".join(lines) + "\n"
@@ -418,7 +306,7 @@ def _per_class_png(runs: list[dict]) -> bytes:
                 yerr=stds,
                 capsize=3,
                 color=f"C{j}",
-                label=METHOD_NAMES.get(method, method),
+                label=method_title(method),
             )
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 105)
@@ -461,10 +349,10 @@ def _relearn_png(runs: list[dict]) -> bytes | None:
                 mean,
                 color=color,
                 linewidth=2.2,
-                label=f"{METHOD_NAMES.get(method, method)} (mean of {len(curves[method])})",
+                label=f"{method_title(method)} (mean of {len(curves[method])})",
             )
         else:
-            ax.plot([], [], color=color, label=METHOD_NAMES.get(method, method))
+            ax.plot([], [], color=color, label=method_title(method))
     ax.set_xlabel("relearning batches on D_r")
     ax.set_ylabel("acc(D_r) - acc(D_f)  (points)")
     ax.set_title("Relearning: a flat gap means forgotten information stays forgotten")

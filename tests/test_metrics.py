@@ -137,9 +137,9 @@ def test_mia_efficacy_non_member_forget_set():
 
 def test_unlearning_scores_and_avg_gap():
     s = metrics.unlearning_scores(forget_acc=2.0, remain_acc=99.0, test_acc=90.0, mia_efficacy=95.0)
-    assert s == {"UA": 98.0, "RA": 99.0, "TA": 90.0, "MIA-efficacy": 95.0}
+    assert s == {"UA": 98.0, "RA": 99.0, "TA": 90.0, "mia_efficacy": 95.0}
     assert metrics.avg_gap(s, s) == 0.0
-    r = {"UA": 100.0, "RA": 100.0, "TA": 89.0, "MIA-efficacy": 99.0}
+    r = {"UA": 100.0, "RA": 100.0, "TA": 89.0, "mia_efficacy": 99.0}
     # |98-100| + |99-100| + |90-89| + |95-99| = 2 + 1 + 1 + 4 = 8, mean 2.
     assert metrics.avg_gap(s, r) == pytest.approx(2.0)
     assert metrics.avg_gap(s, r, keys=("UA",)) == pytest.approx(2.0)
