@@ -1,64 +1,54 @@
 """camu-jax: Causal Machine Unlearning (CaMU, Shen et al., SDM 2024) and the field's unlearning
-baselines in JAX/Flax, run as populations of runs on one loop engine."""
+baselines in JAX/Flax, run as populations of runs on one loop engine.
+
+The top level holds the study-level names: data and splits, training, CaMU's entry points and
+config, every method (`camu_jax.methods`), evaluation, relearning, the study (`run_study`,
+its `Run`s and checkpoint `Store`) and the comparison. The
+pieces below them (steps, losses, states, forward passes, counterfactuals) are reached through
+their modules: `camu_jax.methods.camu` (`camu_step`, `CamuState`...), `camu_jax.steps`,
+`camu_jax.losses`, `camu_jax.prediction`, `camu_jax.counterfactual`, `camu_jax.models`.
+"""
 
 from camu_jax import methods
 from camu_jax.compare import compare, table
-from camu_jax.counterfactual import Counterfactuals, counterfactual_inputs, make_counterfactuals
 from camu_jax.data import DeviceData, ForgetSpec, make_splits
-from camu_jax.evaluation import evaluate, predict, predict_logits, score
-from camu_jax.losses import cross_entropy_mean, kl_sum, output_loss, representation_loss
-from camu_jax.models import apply_model, init_variables
-from camu_jax.relearning import RelearnConfig, relearn
-from camu_jax.steps import (
+from camu_jax.evaluation import evaluate, score
+from camu_jax.methods.camu import (
     CamuCoefficients,
-    CamuState,
-    TrainState,
-    adam_l2,
-    camu_step,
-    init_camu_state,
-    init_train_state,
-    train_step,
+    CamuConfig,
+    camu_preset,
+    unlearn,
+    unlearn_population,
 )
+from camu_jax.models import create_model, init_variables
+from camu_jax.relearning import RelearnConfig, relearn
+from camu_jax.study import Run, Store, run_study
 from camu_jax.training import TrainConfig, train_model, train_population
-from camu_jax.unlearning import CamuConfig, camu_preset, unlearn, unlearn_population
 
 __version__ = "0.2.0"
 
 __all__ = [
     "CamuCoefficients",
     "CamuConfig",
-    "CamuState",
-    "Counterfactuals",
     "DeviceData",
     "ForgetSpec",
     "RelearnConfig",
+    "Run",
+    "Store",
     "TrainConfig",
-    "TrainState",
-    "adam_l2",
-    "apply_model",
     "camu_preset",
-    "camu_step",
     "compare",
-    "counterfactual_inputs",
-    "cross_entropy_mean",
+    "create_model",
     "evaluate",
-    "init_camu_state",
-    "init_train_state",
     "init_variables",
-    "kl_sum",
-    "make_counterfactuals",
     "make_splits",
     "methods",
-    "output_loss",
-    "predict",
-    "predict_logits",
     "relearn",
-    "representation_loss",
+    "run_study",
     "score",
     "table",
     "train_model",
     "train_population",
-    "train_step",
     "unlearn",
     "unlearn_population",
 ]

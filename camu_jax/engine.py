@@ -106,7 +106,7 @@ class Engine:
         self.use_scan = default_use_scan() if use_scan is None else use_scan
         # On jax 0.10.2, fake CPU devices can deadlock in a collective (XLA may insert one
         # even without a data axis) unless every step is waited for.
-        self.sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
+        self.sync = sharding.needs_sync(mesh)
 
         def one(state, shared, member, row):
             batch = program.make_batch(state, shared, member, row)

@@ -1,184 +1,34 @@
 """Evaluating models: batched eval-mode forward passes over populations, and the metrics.
 
-`predict` is the one eval-mode forward pass of the library: logits or embeddings of any number
-of models (a leading member axis) on rows of a device-resident split, one compiled program per
-shape. `score` turns one model's logits into every metric of the results table (the
-reference's accuracies, the three membership attacks, the SalUn scores); `evaluate` does both
-for a population, fitting the attacks of different members in parallel on the host's cores.
+The forward passes are `camu_jax.prediction.predict` (re-exported here with `predict_logits`
+and `check_logits`): logits or embeddings of any number of models (a leading member axis) on
+rows of a device-resident split, one compiled program per shape. `score` turns one model's
+logits into every metric of the results table (the reference's accuracies, the three
+membership attacks, the SalUn scores); `evaluate` does both for a population, fitting the
+attacks of different members in parallel on the host's cores.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from camu_jax import engine, metrics, sharding
 from camu_jax.checks import check_image_sizes, check_model_classes, check_splits
-from camu_jax.counterfactual import counterfactual_inputs
-from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess
+from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
-from camu_jax.models import apply_model
-
-# What `score` returns, in its order: the fixed layout in which scores travel between processes.
-METRIC_KEYS = (
-    "remain_train_acc",
-    "forget_train_acc",
-    "test_acc",
-    "test_remain_acc",
-    "test_forget_acc",
-    "mia",
-    "UA",
-    "RA",
-    "TA",
-    "mia_efficacy",
-    "loss_attack",
+from camu_jax.prediction import (  # the forward passes, below the methods; re-exported here
+    IMAGES_PER_CALL,  # noqa: F401
+    check_logits,  # noqa: F401
+    nonfinite_error,
+    nonfinite_rows,
+    predict,
+    predict_logits,  # noqa: F401
 )
-# Images per forward call over all members: bounds activation memory while keeping calls few.
-IMAGES_PER_CALL = 32768
-
-
-@functools.lru_cache(maxsize=32)
-def _forward(model: nn.Module, spec: InputSpec, mesh, embedding: bool, augment: bool):
-    def one(variables, images, rows, ids, aug_key, noise_key, noise_scale):
-        keys = item_keys(jax.random.wrap_key_data(aug_key), ids) if augment else None
-        x = preprocess(images[rows], spec, augment_keys=keys)
-        noisy = counterfactual_inputs(
-            jax.random.wrap_key_data(noise_key), item_ids=ids, sample_inputs=x
-        )
-        x = x + noise_scale * (noisy - x)  # one program for plain and counterfactual inputs
-        logits, emb, _ = apply_model(
-            model, variables["params"], variables["batch_stats"], x, train=False
-        )
-        return emb if embedding else logits
-
-    vmapped = sharding.vmap_members(one, mesh, (0, None, 0, 0, 0, 0, None))
-    # XLA's own convolutions whatever the member count (no `engine.member_program`). XLA still
-    # compiles each member count on its own, so a model's logits differ between counts by
-    # float32 rounding (4e-8 on an untrained digits CNN, 1 vs 3 members): accuracies agree
-    # unless two logits tie that closely, a fitted attack can move (1 point of MIA there).
-    return jax.jit(vmapped)
-
-
-def _zero_keys(members: int) -> np.ndarray:
-    return np.zeros((members, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
-
-
-def predict(
-    model: nn.Module,
-    variables: dict,
-    data: DeviceData,
-    rows: np.ndarray | None = None,
-    *,
-    embedding: bool = False,
-    aug_keys: np.ndarray | None = None,
-    noise_keys: np.ndarray | None = None,
-    fetch: bool = True,
-    width: int | None = None,
-):
-    """Eval-mode outputs of a population of models.
-
-    Args:
-      variables: `{'params', 'batch_stats'}` stacked along a leading member axis `[P, ...]`.
-      data: the split on device.
-      rows: `[P, n]` rows of `data` per member (default: every row, for every member).
-      embedding: return embeddings `[P, n, d]` instead of logits `[P, n, classes]`.
-      aug_keys: `[P]` key data: item i (position in `rows`) gets the fixed augmentation
-        `fold_in(aug_key, i)` (the counterfactual construction); default no augmentation.
-      noise_keys: `[P]` key data: item i gets the counterfactual noise of id i added.
-      fetch: return host numpy `[P, n, ...]` (default), or device arrays padded to a multiple
-        of the batch at least `width` wide (rows past `n` are padding): a fixed `width` keeps
-        their shape, and so every program they enter, the same for any `n` up to it.
-
-    Batches are padded to one size, so one compile serves every call with the same member
-    count, whatever the number of rows.
-    """
-    mesh = data.mesh
-    members = jax.tree.leaves(variables)[0].shape[0]
-    if rows is None:
-        rows = np.broadcast_to(np.arange(data.size, dtype=np.int32), (members, data.size))
-    rows = np.asarray(rows, np.int32)
-    n = rows.shape[1]
-    step = sharding.data_devices(mesh)
-    bs = max(step, min(1024, IMAGES_PER_CALL // members) // step * step)
-    width = -(-max(n, width or 1, 1) // bs) * bs
-    table = np.zeros((members, width), np.int32)
-    table[:, :n] = rows
-    run = _forward(model, data.spec, mesh, embedding, aug_keys is not None)
-    zero = _zero_keys(members)
-    keys = sharding.shard_members(
-        {
-            "aug": zero if aug_keys is None else np.asarray(aug_keys),
-            "noise": zero if noise_keys is None else np.asarray(noise_keys),
-        },
-        mesh,
-    )
-    scale = jnp.float32(0.0 if noise_keys is None else 1.0)
-    outs = []
-    sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
-    for lo in range(0, width, bs):
-        # Rows travel per call (not as a table of every row): one shape whatever `n` is.
-        ids = np.broadcast_to(np.arange(lo, lo + bs, dtype=np.int32), (members, bs))
-        chunk = sharding.shard_members(
-            {"rows": table[:, lo : lo + bs], "ids": ids}, mesh, batch=True
-        )
-        if sync:  # fake CPU devices can deadlock in a collective unless each call is waited for
-            jax.block_until_ready(outs)
-        outs.append(
-            run(
-                variables,
-                data.images,
-                chunk["rows"],
-                chunk["ids"],
-                keys["aug"],
-                keys["noise"],
-                scale,
-            )
-        )
-    if not fetch:
-        return jnp.concatenate(outs, axis=1)
-    return np.concatenate(sharding.fetch(outs), axis=1)[:, :n]
-
-
-def predict_logits(
-    model: nn.Module, variables: dict, data: DeviceData, rows=None, *, name: str = "the model"
-) -> np.ndarray:
-    """Eval-mode logits `[n, classes]` of ONE model on `data` (default every row); raises
-    FloatingPointError naming `name` on a non-finite logit (`check_logits`)."""
-    stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], variables)
-    logits = predict(model, stacked, data, None if rows is None else np.asarray(rows)[None])[0]
-    check_logits(logits, name=name, variables=variables)
-    return logits
-
-
-def check_logits(logits: np.ndarray, *, name: str, variables: dict, rows=None) -> None:
-    """Raises FloatingPointError, naming `name`, when a logit is NaN or inf: no metric means
-    anything then, and finite but huge parameters (a learning rate far too high) show up only
-    here."""
-    bad, first = _nonfinite(logits)
-    if bad:
-        first = first if rows is None else int(np.asarray(rows)[first])
-        raise _nonfinite_error(name, bad, len(logits), first, variables)
-
-
-def _nonfinite(logits: np.ndarray) -> tuple[int, int]:
-    """How many rows of `logits` hold a NaN or inf, and the first of them."""
-    bad = ~np.isfinite(logits).all(axis=-1)
-    return int(bad.sum()), int(np.argmax(bad))
-
-
-def _nonfinite_error(name: str, bad: int, total: int, first: int, variables: dict):
-    leaves = [np.asarray(x) for x in jax.tree.leaves(variables) if np.size(x)]
-    largest = max(float(np.abs(x).max()) for x in leaves)
-    return FloatingPointError(
-        f"{name} gives non-finite logits on {bad} of {total} images (first: row {first}); its "
-        f"largest |parameter| is {largest:.3g} (a learning rate far too high?)"
-    )
+from camu_jax.results import METRIC_KEYS  # What `score` returns, in its order.
 
 
 def _acc(pred: np.ndarray, labels: np.ndarray) -> float:
@@ -423,7 +273,7 @@ def evaluate(
     for lo in range(0, count, size):
         wave = list(variables[lo : lo + size])
         wave += [wave[0]] * (size - len(wave))
-        stacked = sharding.shard_members(_stack(wave), mesh)
+        stacked = sharding.shard_members(engine.stack(wave), mesh)
         # One pass over train and test images together: one program, not one per split; each
         # process fetches the logits of its own models only.
         out = sharding.owned_members(predict(model, stacked, both, fetch=False), mesh)
@@ -432,7 +282,7 @@ def evaluate(
         for j in (j for j in out if j < real and lo + j not in unscored):
             i = lo + j
             tr, te = out[j][: train.size], out[j][train.size : both.size]
-            checks[j] = np.asarray([*_nonfinite(tr), *_nonfinite(te)], np.float64)
+            checks[j] = np.asarray([*nonfinite_rows(tr), *nonfinite_rows(te)], np.float64)
             jobs[i] = dict(
                 train_logits=tr,
                 train_labels=train.host_labels,
@@ -448,7 +298,7 @@ def evaluate(
             for k, total in ((0, train.size), (2, test.size)):
                 if bad[j, k] > 0:
                     name = names[lo + j] if names else f"model {lo + j}"
-                    error = _nonfinite_error(
+                    error = nonfinite_error(
                         name, int(bad[j, k]), total, int(bad[j, k + 1]), variables[lo + j]
                     )
                     if not skip_nonfinite:
@@ -473,7 +323,3 @@ def _metric_vector(scores: dict[str, float]) -> np.ndarray:
     if tuple(scores) != METRIC_KEYS:
         raise AssertionError(f"score returned {tuple(scores)}, expected {METRIC_KEYS}")
     return np.asarray([scores[k] for k in METRIC_KEYS], np.float64)
-
-
-def _stack(trees):
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)

@@ -19,7 +19,7 @@ from flax import linen as nn
 from camu_jax import checks, engine, sharding
 from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
-from camu_jax.evaluation import predict
+from camu_jax.prediction import predict
 from camu_jax.training import TrainConfig, train_population
 
 

@@ -79,6 +79,13 @@ def data_devices(mesh: Mesh) -> int:
     return mesh.shape[DATA_AXIS]
 
 
+def needs_sync(mesh: Mesh) -> bool:
+    """Whether a loop of calls over `mesh` must wait for each call before the next: on jax
+    0.10.2, fake CPU devices (more than one on the CPU backend) can deadlock in a collective
+    (XLA may insert one even without a data axis) unless every call is waited for."""
+    return jax.default_backend() == "cpu" and mesh.devices.size > 1
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 

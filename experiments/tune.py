@@ -196,9 +196,9 @@ def main(argv=None) -> int:
     from camu_jax import methods, sharding
     from camu_jax.data import DeviceData, input_spec_for, load_dataset
     from camu_jax.data.splits import Splits
-    from camu_jax.evaluation import predict
     from camu_jax.methods.ssd import SSD, SSDWithImportances, dampen, selection
     from camu_jax.models import create_model, init_variables
+    from camu_jax.prediction import predict
     from camu_jax.training import TrainConfig, train_population
 
     d = load_dataset(args.dataset, manual_dir=args.manual_dir, progress=False)

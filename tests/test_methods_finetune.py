@@ -27,7 +27,7 @@ from camu_jax.data.pipeline import InputSpec
 from camu_jax.data.splits import Splits
 from camu_jax.methods.base import MemberContext
 from camu_jax.methods.finetune import NegGradPlus, l1_coefficient, l2_distance, loss_program
-from camu_jax.methods.relabel import Amnesiac, RandomLabels, union_plan
+from camu_jax.methods.relabel import Amnesiac, RandomLabels, relabelled_plan
 from camu_jax.methods.salun import SalUn, saliency_mask, saliency_program
 from camu_jax.models import create_model, init_variables
 
@@ -99,10 +99,10 @@ def _ctx(seed=0, num_classes=4):
     )
 
 
-def test_union_plan_visits_every_item_once_with_its_label():
+def test_relabelled_plan_visits_every_item_once_with_its_label():
     ctx = _ctx()
     relabel = np.full(len(ctx.forget), 3)
-    plan = union_plan(ctx, 0, 8, relabel)
+    plan = relabelled_plan(ctx, 0, 8, relabel)
     real = plan["u_mask"].ravel() > 0
     rows = plan["u_rows"].ravel()[real]
     assert sorted(rows.tolist()) == sorted([*ctx.forget.tolist(), *ctx.remain.tolist()])
@@ -111,7 +111,7 @@ def test_union_plan_visits_every_item_once_with_its_label():
     # D_f and D_r share batches: one shuffled loader over their concatenation.
     in_forget = np.isin(plan["u_rows"], ctx.forget) & (plan["u_mask"] > 0)
     assert any(0 < k < 8 for k in in_forget.sum(axis=1))
-    assert not np.array_equal(plan["u_rows"], union_plan(ctx, 1, 8, relabel)["u_rows"])
+    assert not np.array_equal(plan["u_rows"], relabelled_plan(ctx, 1, 8, relabel)["u_rows"])
 
 
 def test_amnesiac_labels_are_wrong_and_fixed_rl_labels_are_redrawn_each_epoch():

@@ -37,10 +37,10 @@ import pytest
 from camu_jax import methods, sharding
 from camu_jax.data import ForgetSpec, input_spec_for, load_dataset, make_splits
 from camu_jax.data.pipeline import DeviceData
-from camu_jax.evaluation import predict
 from camu_jax.methods.ssd import SSD, SSDWithImportances
 from camu_jax.methods.unrolling import UnrollingSGD
 from camu_jax.models import create_model, init_variables
+from camu_jax.prediction import predict
 from camu_jax.training import TrainConfig, train_population
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,12 +24,13 @@ import pytest
 
 from camu_jax import methods, sharding
 from camu_jax.data import DeviceData, ForgetSpec, input_spec_for, load_dataset, make_splits
-from camu_jax.evaluation import evaluate, predict
+from camu_jax.evaluation import evaluate
 from camu_jax.methods.base import MemberContext, member_keys
 from camu_jax.methods.boundary import adversarial_labels, embedding_width, fgsm_labels
 from camu_jax.methods.mixing import union_plan
 from camu_jax.methods.unsir import error_maximising_noise
 from camu_jax.models import CNN, apply_model, create_model, init_variables
+from camu_jax.prediction import predict
 from camu_jax.training import TrainConfig, train_population
 
 FORGET_DROP = 30.0

@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from camu_jax import models, steps
 from camu_jax.data.pipeline import InputSpec, preprocess
+from camu_jax.methods import camu
 
 SHAPE = (6, 6, 1)
 X = np.zeros((4, *SHAPE), np.float32)
@@ -78,13 +79,13 @@ def test_model_without_embedding_is_refused():
 
 def _camu_step(model):
     variables = models.init_variables(Good(), jax.random.key(0), SHAPE)
-    state = steps.init_camu_state(variables, TX, TX)
+    state = camu.init_camu_state(variables, TX, TX)
     batch = {
         "x_f": X, "x_s": X, "y_s": np.zeros(4, np.int32), "y_cf": np.ones(4, np.int32),
         "z0_s": np.zeros((4, 8), np.float32), "z0_cf": np.zeros((4, 8), np.float32),
         "mask_f": np.ones(4, np.float32), "mask_s": np.ones(4, np.float32),
     }  # fmt: skip
-    return steps.camu_step(state, batch, model=model, kl_tx=TX, ce_tx=TX)
+    return camu.camu_step(state, batch, model=model, kl_tx=TX, ce_tx=TX)
 
 
 def test_head_modules_are_required_and_checked():

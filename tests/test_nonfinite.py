@@ -9,10 +9,10 @@ import pytest
 from camu_jax import checkpointing, sharding
 from camu_jax.data import ForgetSpec, input_spec_for, load_dataset, make_splits
 from camu_jax.data.pipeline import DeviceData
-from camu_jax.evaluation import predict_logits
+from camu_jax.methods.camu import CamuConfig, unlearn
 from camu_jax.models import create_model, init_variables
+from camu_jax.prediction import predict_logits
 from camu_jax.training import TrainConfig, train_model
-from camu_jax.unlearning import CamuConfig, unlearn
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -76,7 +76,7 @@ its CIFAR class preset (1e-5, 5e-5) for ResNet18, the models the reference uses 
 
 Step A's optimizer: PyTorch's Adam skips parameters whose `.grad` is None, and the classifier
 head never gets a gradient from L_rep, so optimizer 1 never touches the head (no Adam update, no
-weight decay). `camu_step` must do the same with the plain `adam_l2` that `camu_jax.unlearning`
+weight decay). `camu_step` must do the same with the plain `adam_l2` that `camu_jax.methods.camu`
 passes it; `test_step_a_leaves_the_head_alone` checks that directly, and the CNN comparisons
 would fail otherwise (the head is ~7 % of its elements).
 """
@@ -98,6 +98,7 @@ import optax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from camu_jax import models, steps  # noqa: E402
+from camu_jax.methods import camu  # noqa: E402
 from camu_jax.models import create_model  # noqa: E402
 from experiments.pytorch_reference import camu as torch_camu  # noqa: E402
 from experiments.pytorch_reference import convert  # noqa: E402
@@ -283,14 +284,14 @@ def _host(tree):
 
 
 @functools.cache
-def _jitted_camu(config: str, coefficients: steps.CamuCoefficients):
-    """Step A's optimizer exactly as `camu_jax.unlearning` builds it: plain `adam_l2` (the head,
+def _jitted_camu(config: str, coefficients: camu.CamuCoefficients):
+    """Step A's optimizer exactly as `camu_jax.methods.camu` builds it: plain `adam_l2` (the head,
     which PyTorch's optimizer 1 skips, is `camu_step`'s business; see the head test)."""
     c = CONFIGS[config]
     model = create_model(c.model, num_classes=NUM_CLASSES)
     kl_tx, ce_tx = steps.adam_l2(c.kl_lr), steps.adam_l2(c.impair_lr)
     step = functools.partial(
-        steps.camu_step, model=model, kl_tx=kl_tx, ce_tx=ce_tx, coefficients=coefficients
+        camu.camu_step, model=model, kl_tx=kl_tx, ce_tx=ce_tx, coefficients=coefficients
     )
     return jax.jit(step), kl_tx, ce_tx
 
@@ -318,9 +319,9 @@ def _jax_camu(config: str, seed: int, sizes: tuple, dtype, coefficients=None) ->
     c = CONFIGS[config]
     with _precision(dtype):
         original = _original_variables(c.model, c.shape, dtype)
-        step, kl_tx, ce_tx = _jitted_camu(config, coefficients or steps.CamuCoefficients())
+        step, kl_tx, ce_tx = _jitted_camu(config, coefficients or camu.CamuCoefficients())
         embed = _jitted_embed(c.model)
-        state = steps.init_camu_state(original, kl_tx, ce_tx)
+        state = camu.init_camu_state(original, kl_tx, ce_tx)
         out = []
         for b in _camu_batches(seed, sizes, c.shape):
             n = b["y_s"].shape[0]
@@ -652,7 +653,7 @@ def test_parity_check_detects_a_changed_coefficient():
     the parameters, while L_rep (computed before step B) still matches."""
     c = CONFIGS["cnn"]
     sizes = c.sizes[:1]
-    changed = _jax_camu("cnn", 1, sizes, np.float64, steps.CamuCoefficients(out_forget=0.02))
+    changed = _jax_camu("cnn", 1, sizes, np.float64, camu.CamuCoefficients(out_forget=0.02))
     torch_out = _torch_camu("cnn", 1, sizes, np.float64)
     lrs = {"kl_opt_state": c.kl_lr, "ce_opt_state": c.impair_lr}
     scales = _camu_loss_scales(c, sizes[0])
@@ -667,14 +668,14 @@ def test_step_a_leaves_the_head_alone():
     L_rep depends on the embedding only, so in PyTorch the head's `.grad` stays None after
     `loss2.backward()` and `optimizer1.step()` skips it (no Adam update, no weight decay). Here
     step B is switched off (`ce_tx = set_to_zero`) and step A uses `adam_l2`, as
-    `camu_jax.unlearning` builds it: the head (fc2, fc3) must come out unchanged.
+    `camu_jax.methods.camu` builds it: the head (fc2, fc3) must come out unchanged.
     """
     c = CONFIGS["cnn"]
     original = _original_variables(c.model, c.shape)
     batches = _camu_batches(1, c.sizes[:1], c.shape)
     model = create_model(c.model, num_classes=NUM_CLASSES)
     kl_tx, ce_tx = steps.adam_l2(c.kl_lr), optax.set_to_zero()
-    step = jax.jit(functools.partial(steps.camu_step, model=model, kl_tx=kl_tx, ce_tx=ce_tx))
+    step = jax.jit(functools.partial(camu.camu_step, model=model, kl_tx=kl_tx, ce_tx=ce_tx))
     embed = _jitted_embed(c.model)
     b = batches[0]
     mask = np.ones(c.batch, np.float32)
@@ -689,7 +690,7 @@ def test_step_a_leaves_the_head_alone():
         "mask_s": mask,
     }
     before = _host(original["params"])
-    state, _ = step(steps.init_camu_state(original, kl_tx, ce_tx), batch)
+    state, _ = step(camu.init_camu_state(original, kl_tx, ce_tx), batch)
     moved = {
         f"{name}/{leaf}": float(np.max(np.abs(state.params[name][leaf] - before[name][leaf])))
         for name in HEADS[c.model]
@@ -780,7 +781,7 @@ def test_first_step_losses_float32(case):
         with _precision(np.float32):
             variables = _original_variables(c.model, c.shape)
             z = {k: embed(variables, b[k])[1] for k in ("x_s", "x_f", "x_cf")}
-        coef = steps.CamuCoefficients()
+        coef = camu.CamuCoefficients()
         error = coef.rep_sample * _kl_sum_error(z["x_s"], z["x_s"]) + coef.rep_forget * (
             _kl_sum_error(z["x_cf"], z["x_f"])
         )

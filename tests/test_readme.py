@@ -145,11 +145,12 @@ def test_documented_step_signatures_match_the_code():
     import inspect
 
     from camu_jax import steps
+    from camu_jax.methods import camu
 
     text = " ".join(README.read_text().split())
     pair = re.search(r"`train_step` and `camu_step`, each `\(([^)]*)\) -> \(([^)]*)\)`", text)
     assert pair, "README no longer documents train_step/camu_step as (state, batch) -> ..."
-    for fn in (steps.train_step, steps.camu_step):
+    for fn in (steps.train_step, camu.camu_step):
         positional = [
             p.name
             for p in inspect.signature(fn).parameters.values()

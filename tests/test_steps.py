@@ -23,7 +23,8 @@ import pytest
 from flax import linen as nn
 
 from camu_jax import models, steps
-from camu_jax.models import CNN, BatchNorm, ResNet18, create_model
+from camu_jax.methods import camu
+from camu_jax.models import CNN, BatchNorm, ResNet18, create_model, state_variables
 from camu_jax.models.resnet import BasicBlock
 
 NUM_CLASSES = 5
@@ -146,13 +147,13 @@ def _np_adam_l2(params, grads_seq, *, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
 def _cnn_camu(state, batch, coefficients):
     """`camu_step` with the coefficients (rep_sample, rep_forget, out_sample, out_forget) as a
     traced `[4]` array, so that one compilation serves all of them."""
-    return steps.camu_step(
+    return camu.camu_step(
         state,
         batch,
         model=CNN_MODEL,
         kl_tx=KL_TX,
         ce_tx=CE_TX,
-        coefficients=steps.CamuCoefficients(*coefficients),
+        coefficients=camu.CamuCoefficients(*coefficients),
     )
 
 
@@ -163,10 +164,6 @@ def _cnn_train(state, batch):
 _cnn_logits = jit(
     lambda v, x: models.apply_model(CNN_MODEL, v["params"], v["batch_stats"], x, train=False)[0]
 )
-
-
-def state_variables(state) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +186,7 @@ def cnn_train():
 
 @pytest.fixture(scope="module")
 def camu_state0(cnn_variables):
-    return steps.init_camu_state(cnn_variables, KL_TX, CE_TX)
+    return camu.init_camu_state(cnn_variables, KL_TX, CE_TX)
 
 
 # ---------------------------------------------------------------------------- adam_l2
@@ -305,7 +302,7 @@ def test_camu_step_structure_metrics_no_retrace(camu_state0, cnn_camu):
 
 
 def test_init_camu_state_copies_the_original(cnn_variables):
-    state = steps.init_camu_state(cnn_variables, KL_TX, CE_TX)
+    state = camu.init_camu_state(cnn_variables, KL_TX, CE_TX)
     _assert_same_structure(state.params, cnn_variables["params"])
     for a, b in zip(
         jax.tree.leaves(state.params), jax.tree.leaves(cnn_variables["params"]), strict=True
@@ -357,8 +354,8 @@ def _decay_only(params, *, lr_a, lr_b, steps_: int, heads=("fc2", "fc3")):
 
 
 def test_camu_coefficients_defaults():
-    assert steps.CamuCoefficients() == steps.CamuCoefficients(*DEFAULT_COEFFICIENTS)
-    c = steps.CamuCoefficients()
+    assert camu.CamuCoefficients() == camu.CamuCoefficients(*DEFAULT_COEFFICIENTS)
+    c = camu.CamuCoefficients()
     assert (c.rep_sample, c.rep_forget, c.out_sample, c.out_forget) == (0.5, 0.5, 0.9, 0.01)
 
 
@@ -436,8 +433,8 @@ def test_camu_step_padded_batch_equals_short_batch(name):
     sgd = optax.sgd(lr)
     variables = _random_variables(model, input_shape, seed=9)
     assert bool(variables["batch_stats"]) == (name != "cnn")
-    state = steps.init_camu_state(variables, sgd, sgd)
-    step = jit(functools.partial(steps.camu_step, model=model, kl_tx=sgd, ce_tx=sgd))
+    state = camu.init_camu_state(variables, sgd, sgd)
+    step = jit(functools.partial(camu.camu_step, model=model, kl_tx=sgd, ce_tx=sgd))
     # 5 real D_f rows and 4 real D_s rows; large garbage in the padding rows.
     padded = _camu_batch(np.random.default_rng(10), B, input_shape, emb, real=5, real_s=4)
     assert np.abs(padded["x_f"][5:]).max() > 10 and np.abs(padded["z0_s"][4:]).max() > 10

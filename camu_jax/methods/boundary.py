@@ -22,8 +22,8 @@ from camu_jax import engine, sharding
 from camu_jax.data.pipeline import item_keys, preprocess
 from camu_jax.methods.base import Method, Stage, epoch_plan, stream_batch
 from camu_jax.methods.finetune import LossMethod, ce, forward, sgd
-from camu_jax.methods.mixing import variables_of
-from camu_jax.models import apply_model, head_modules
+from camu_jax.models import apply_model, head_modules, state_variables
+from camu_jax.prediction import map_rows, zero_keys
 
 # Images per FGSM call over all members: bounds the activation memory of the input gradient.
 IMAGES_PER_CALL = 8192
@@ -79,25 +79,17 @@ def adversarial_labels(model, originals, data, rows, *, bound, aug_keys=None):
     mesh = data.mesh
     rows = np.asarray(rows, np.int32)
     members, n = rows.shape
-    step = sharding.data_devices(mesh)
-    bs = max(step, min(256, IMAGES_PER_CALL // members) // step * step)
-    width = -(-max(n, 1) // bs) * bs
-    table = np.zeros((members, width), np.int32)
-    table[:, :n] = rows
     augment = aug_keys is not None
-    keys = aug_keys if augment else np.zeros((members, 2), np.uint32)
+    keys = aug_keys if augment else zero_keys(members)
     keys = sharding.shard_members(np.asarray(keys), mesh)
     run = _fgsm_program(model, data.spec, mesh, float(bound), augment)
-    sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
-    outs = []
-    for lo in range(0, width, bs):
-        ids = np.broadcast_to(np.arange(lo, lo + bs, dtype=np.int32), (members, bs))
-        chunk = sharding.shard_members(
-            {"rows": table[:, lo : lo + bs], "ids": ids}, mesh, batch=True
-        )
-        if sync:  # fake CPU devices can deadlock in a collective unless each call is waited for
-            jax.block_until_ready(outs)
-        outs.append(run(originals, data.images, data.labels, chunk["rows"], chunk["ids"], keys))
+    outs = map_rows(
+        lambda r, ids: run(originals, data.images, data.labels, r, ids, keys),
+        rows,
+        mesh,
+        batch=256,
+        images_per_call=IMAGES_PER_CALL,
+    )
     return jnp.concatenate(outs, axis=1)[:, :n]
 
 
@@ -118,6 +110,7 @@ class BoundaryShrink(LossMethod):
     """
 
     name = "boundary_shrink"
+    title = "Boundary shrink"
     driver = "f"
     fixed_augment = ("forget",)
 
@@ -197,6 +190,7 @@ class BoundaryExpand(Method):
     """
 
     name = "boundary_expand"
+    title = "Boundary expand"
 
     epochs: int = 1  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.0001  # MNIST CNN, tuned (docs/methods.md)
@@ -243,7 +237,7 @@ def _expand_program(config: BoundaryExpand, model, spec, mesh) -> engine.Program
     make = stream_batch(config, spec, mesh)
 
     def init(variables):
-        v = variables_of(variables)
+        v = state_variables(variables)
         d = embedding_width(model, v)
         dtype = jax.tree.leaves(v["params"])[0].dtype
         shadow = {"w": jnp.zeros((d,), dtype), "b": jnp.zeros((), dtype)}

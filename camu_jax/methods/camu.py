@@ -1,25 +1,174 @@
-"""CaMU (Shen et al., SDM 2024, arXiv 2401.17504) as a method of the engine.
+"""CaMU (Shen et al., SDM 2024, arXiv 2401.17504): everything of the method in one module.
+
+* `CamuCoefficients`, `CamuState`, `init_camu_state` and `camu_step`: the reference's loss
+  weights, state and two-optimizer double step (pure, un-jitted);
+* `CamuConfig` (with `camu_preset`, the reference's presets): the method on the loop engine;
+* `unlearn` / `unlearn_population`: the entry points (also `camu_jax.unlearn`...).
 
 Counterfactuals are built once: pairing and labels on the host (`make_counterfactuals`), the
 noise of item i a fixed function of i; the frozen original's embeddings of them, and of D_s
 when inputs are not augmented, are computed once in eval mode for every member in one batched
 pass. The reference recomputes both teacher passes every step; the values are the same. Each
-step is the reference's two-optimizer double step (`camu_jax.steps.camu_step`) on a D_f batch
-zipped with a D_s batch.
+step is the reference's double step (`camu_step`) on a D_f batch zipped with a D_s batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
+from typing import Any
 
-from camu_jax import engine
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import struct
+
+from camu_jax import engine, losses
 from camu_jax.counterfactual import make_counterfactuals
 from camu_jax.data import catalog
-from camu_jax.evaluation import predict
-from camu_jax.methods.base import Method, Stage, stream_batch, zip_plan
-from camu_jax.models import apply_model
-from camu_jax.steps import CamuCoefficients, adam_l2, camu_step, check_number, init_camu_state
+from camu_jax.data.pipeline import DeviceData
+from camu_jax.data.splits import Splits
+from camu_jax.methods.base import Method, Stage, run_population, stream_batch, zip_plan
+from camu_jax.models import apply_model, head_modules
+from camu_jax.prediction import predict
+from camu_jax.steps import adam_l2, check_number, with_finite
+
+PyTree = Any
+
+
+# ------------------------------------------------------------------------------ the step
+
+
+@dataclasses.dataclass(frozen=True)
+class CamuCoefficients:
+    """Loss weights of the reference: L_rep = 0.5/0.5, L_out = 0.9 (D_s) / 0.01 (D_f, y_cf)."""
+
+    rep_sample: float = 0.5  # step A (L_rep): weight of KL(z_0(x_s) || z(x_s)) on D_s
+    rep_forget: float = 0.5  # step A (L_rep): weight of KL(z_0(x_cf) || z(x_f)) on D_f
+    out_sample: float = 0.9  # step B (L_out): weight of CE(f(x_s), y_s) on D_s
+    out_forget: float = 0.01  # step B (L_out): weight of CE(f(x_f), y_cf) on D_f
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first weight that is negative or not finite (0 switches
+        a term off, which ablations use)."""
+        for f in dataclasses.fields(self):
+            check_number(f"CaMU coefficient {f.name}", getattr(self, f.name), positive=False)
+
+
+class CamuState(struct.PyTreeNode):
+    """State of CaMU unlearning: one set of parameters, two optimizer states (step A, step B).
+
+    The frozen original model is *not* part of it: it is a separate, never-donated argument.
+    """
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    kl_opt_state: optax.OptState
+    ce_opt_state: optax.OptState
+
+
+def init_camu_state(
+    variables: dict, kl_tx: optax.GradientTransformation, ce_tx: optax.GradientTransformation
+) -> CamuState:
+    """f_theta starts as a copy of the original model, with fresh optimizer states."""
+    params = jax.tree.map(jnp.array, variables["params"])
+    return CamuState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=jax.tree.map(jnp.array, variables["batch_stats"]),
+        kl_opt_state=kl_tx.init(params),
+        ce_opt_state=ce_tx.init(params),
+    )
+
+
+def camu_step(
+    state: CamuState,
+    batch: dict,
+    *,
+    model: nn.Module,
+    kl_tx: optax.GradientTransformation,
+    ce_tx: optax.GradientTransformation,
+    coefficients: CamuCoefficients = CamuCoefficients(),
+) -> tuple[CamuState, dict]:
+    """The reference's two-optimizer double step.
+
+    batch (all `[b, ...]`): `x_f`, `x_s` (inputs), `y_s`, `y_cf` (labels), `z0_s`, `z0_cf`
+    (embeddings of the frozen original on x_s and x_cf), `mask_f`, `mask_s`.
+
+    Step A minimises L_rep with `kl_tx` and leaves the classifier head (`head_modules`)
+    untouched, as PyTorch's optimizer1 does for parameters without a gradient; step B
+    recomputes the forward pass on the parameters step A produced and minimises L_out with
+    `ce_tx`. Forward passes run in the reference's
+    order (A: x_s then x_f; B: x_f then x_s), which fixes how BatchNorm statistics evolve.
+    """
+    c = coefficients
+
+    def rep_loss(params):
+        _, z_s, bs = apply_model(
+            model, params, state.batch_stats, batch["x_s"], train=True, mask=batch["mask_s"]
+        )
+        _, z_f, bs = apply_model(model, params, bs, batch["x_f"], train=True, mask=batch["mask_f"])
+        loss = losses.representation_loss(
+            student_sample=z_s,
+            teacher_sample=batch["z0_s"],
+            student_forget=z_f,
+            teacher_counterfactual=batch["z0_cf"],
+            sample_weights=batch["mask_s"],
+            forget_weights=batch["mask_f"],
+            sample_coef=c.rep_sample,
+            forget_coef=c.rep_forget,
+        )
+        return loss, bs
+
+    (l_rep, batch_stats), grads = jax.value_and_grad(rep_loss, has_aux=True)(state.params)
+    updates, kl_opt_state = kl_tx.update(grads, state.kl_opt_state, state.params)
+    # The head gets no gradient from L_rep; PyTorch's optimizer1 then skips it entirely (no
+    # Adam step, no weight decay), so its step-A update is dropped here.
+    heads = head_modules(model)
+    if unknown := [h for h in heads if h not in updates]:
+        raise ValueError(
+            f"{type(model).__name__}.head_modules names {unknown}, which are not top-level "
+            f"parameter collections (those are {sorted(updates)})"
+        )
+    updates = {k: jax.tree.map(jnp.zeros_like, u) if k in heads else u for k, u in updates.items()}
+    params = optax.apply_updates(state.params, updates)
+
+    def out_loss(params):
+        logits_f, _, bs = apply_model(
+            model, params, batch_stats, batch["x_f"], train=True, mask=batch["mask_f"]
+        )
+        logits_s, _, bs = apply_model(
+            model, params, bs, batch["x_s"], train=True, mask=batch["mask_s"]
+        )
+        loss = losses.output_loss(
+            sample_logits=logits_s,
+            sample_labels=batch["y_s"],
+            forget_logits=logits_f,
+            counterfactual_labels=batch["y_cf"],
+            sample_weights=batch["mask_s"],
+            forget_weights=batch["mask_f"],
+            sample_coef=c.out_sample,
+            forget_coef=c.out_forget,
+        )
+        return loss, bs
+
+    (l_out, batch_stats), grads = jax.value_and_grad(out_loss, has_aux=True)(params)
+    updates, ce_opt_state = ce_tx.update(grads, state.ce_opt_state, params)
+    params = optax.apply_updates(params, updates)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        kl_opt_state=kl_opt_state,
+        ce_opt_state=ce_opt_state,
+    )
+    return new_state, with_finite({"loss_rep": l_rep, "loss_out": l_out})
+
+
+# ------------------------------------------------------------------------------ the method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +176,7 @@ class CamuConfig(Method):
     """Hyperparameters of CaMU unlearning (defaults: the reference's MNIST class preset)."""
 
     name = "camu"
+    title = "CaMU"
     fixed_augment = ("forget",)  # x_f and x_cf keep one augmentation per item, as prepared
 
     epochs: int = 2  # passes over D_f
@@ -136,3 +286,57 @@ def camu_preset(dataset: str, scenario: str) -> CamuConfig:
     if scenario not in ("class", "random"):
         raise ValueError(f"unknown scenario {scenario!r}; allowed: class, random")
     return _PRESETS[(family, scenario)]
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def unlearn_population(
+    model: nn.Module,
+    originals: Sequence[dict],
+    *,
+    data: DeviceData,
+    splits: Sequence[Splits],
+    seeds: Sequence[int],
+    num_classes: int,
+    config: CamuConfig,
+    **kwargs,
+) -> list[tuple[dict, dict]]:
+    """Runs CaMU for every member (frozen original `originals[i]`, `splits[i]`, `seeds[i]`);
+    see `camu_jax.methods.run_population` for the keyword arguments and `info`."""
+    return run_population(
+        config,
+        model,
+        originals,
+        data=data,
+        splits=splits,
+        seeds=seeds,
+        num_classes=num_classes,
+        **kwargs,
+    )
+
+
+def unlearn(
+    model: nn.Module,
+    original: dict,
+    *,
+    data: DeviceData,
+    splits: Splits,
+    num_classes: int,
+    config: CamuConfig,
+    seed: int,
+    **kwargs,
+) -> tuple[dict, dict]:
+    """Runs CaMU from the frozen `original` (never modified); `unlearn_population` with one
+    member. Returns `(variables, info)`."""
+    ((out, info),) = unlearn_population(
+        model,
+        [original],
+        data=data,
+        splits=[splits],
+        seeds=[seed],
+        num_classes=num_classes,
+        config=config,
+        **kwargs,
+    )
+    return out, info

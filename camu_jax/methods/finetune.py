@@ -1,7 +1,8 @@
 """Loss-based unlearning methods: a loss over the step's forget / remain batches, one optimizer.
 
-`LossMethod` is the shared machinery (state, step, plan, an optional update mask); a method
-is a frozen config that names its `loss` and the streams it reads. The methods here:
+`LossMethod` is the shared machinery of every one-optimizer method (state, step, plan, hooks
+for the batch, an update mask and an update scale; `loss_program` builds its program); a
+method is a frozen config that names its `loss` and the streams it reads. The methods here:
 
 * FT, fine-tuning on D_r (Warnecke et al., NDSS 2023; the "FT" baseline of Jia et al., NeurIPS
   2023 and Fan et al., ICLR 2024).
@@ -9,8 +10,11 @@ is a frozen config that names its `loss` and the streams it reads. The methods h
 * NegGrad+, descent on D_r and ascent on D_f together (Kurmanji et al., NeurIPS 2023).
 * l1-sparse, FT with a decaying L1 penalty (Jia et al., NeurIPS 2023).
 
-The relabelling methods (RL, Amnesiac, SalUn) are in `camu_jax.methods.relabel` and
-`camu_jax.methods.salun`. The MNIST CNN settings and how they were chosen: docs/methods.md.
+The other `LossMethod`s: the relabelling methods (RL, Amnesiac, SalUn) in
+`camu_jax.methods.relabel` and `camu_jax.methods.salun`, boundary shrink in
+`camu_jax.methods.boundary`, Bad Teacher and SCRUB in `camu_jax.methods.teachers`, UNSIR's
+impair and repair stages in `camu_jax.methods.unsir`. The MNIST CNN settings and how they were
+chosen: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from flax import struct
 
 from camu_jax import engine, losses
 from camu_jax.methods.base import Method, Stage, epoch_plan, stream_batch
-from camu_jax.models import apply_model
+from camu_jax.models import apply_model, state_variables
+from camu_jax.steps import with_finite
 
 PyTree = Any
 
@@ -53,20 +58,25 @@ def sgd(learning_rate: float, momentum: float, weight_decay: float):
 
 
 class LossMethod(Method):
-    """A method that minimises `loss(...)` with SGD (momentum, coupled weight decay) over
-    epochs of the `driver` stream, with full batches of the `also` streams drawn alongside.
+    """A method that minimises `loss(...)` with one optimizer (by default SGD: momentum,
+    coupled weight decay) over epochs of the `driver` stream, with full batches of the `also`
+    streams drawn alongside, in one stage named `stage`.
 
-    Subclasses are frozen dataclasses with fields `epochs`, `learning_rate`, `momentum`,
-    `weight_decay`, `batch_size`, and define `loss`."""
+    Subclasses are frozen dataclasses that define `loss`; the defaults of `tx`, `plan` and
+    `stages` read fields `epochs`, `learning_rate`, `momentum`, `weight_decay`, `batch_size`
+    (a method with other fields overrides them). The hooks below shape the step that
+    `loss_program` builds."""
 
     driver: ClassVar[str] = "r"  # f (D_f), r (D_r) or s (D_s): one epoch = one pass over it
     also: ClassVar[tuple[str, ...]] = ()
+    stage: ClassVar[str] = "unlearn"  # the stage's name (loss records, progress, errors)
 
     def tx(self):
         return sgd(self.learning_rate, self.momentum, self.weight_decay)
 
     def loss(self, model, params, batch_stats, batch, extra):
-        """`(loss, (batch_stats, metrics))` of one step; `batch[stream]` as in `stream_batch`."""
+        """`(loss, (batch_stats, metrics))` of one step: `batch` is what `make_batch` built
+        (by default `batch[stream]` as in `stream_batch`), `extra` the state's own arrays."""
         raise NotImplementedError
 
     def init_extra(self, variables) -> PyTree:
@@ -75,6 +85,11 @@ class LossMethod(Method):
 
     def update_mask(self, extra):
         """A 0/1 pytree like the params that gates every update (default: none)."""
+        return None
+
+    def update_scale(self, batch):
+        """A scalar multiplying every update after the optimizer (default: none): for SGD,
+        which applies the learning rate last, a per-step learning-rate factor."""
         return None
 
     def epochs_steps(self, ctx) -> int | None:
@@ -86,23 +101,31 @@ class LossMethod(Method):
             ctx, epoch, self.driver, self.batch_size, also=self.also, steps=self.epochs_steps(ctx)
         )
 
-    def make_batch(self, spec, mesh):
-        """The engine's `make_batch` (default: the forget / remain / sample streams)."""
+    def make_batch(self, model, spec, mesh):
+        """The engine's `make_batch` (default: the forget / remain / sample streams); it runs
+        inside the step's program, so it may read the member's prepared data (teachers...)
+        and apply `model` to it."""
         return stream_batch(self, spec, mesh)
 
     def stages(self):
-        return (Stage("unlearn", functools.partial(loss_program, self), self.plan, self.epochs),)
+        return (Stage(self.stage, functools.partial(loss_program, self), self.plan, self.epochs),)
 
 
-def loss_program(method: LossMethod, model, spec, mesh) -> engine.Program:
-    tx = method.tx()
+def loss_program(method: LossMethod, model, spec, mesh, *, tx=None) -> engine.Program:
+    """The program of a one-optimizer stage: `tx` (default `method.tx()`) minimises
+    `method.loss` on the batches `method.make_batch` builds; updates are scaled by
+    `method.update_scale` and gated by `method.update_mask`. The state starts from the model's
+    variables, or from the previous stage's state (its parameters and BatchNorm statistics,
+    with a fresh optimizer)."""
+    tx = method.tx() if tx is None else tx
 
     def init(variables):
+        v = state_variables(variables)
         return LossState(
             step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables["batch_stats"],
-            opt_state=tx.init(variables["params"]),
+            params=v["params"],
+            batch_stats=v["batch_stats"],
+            opt_state=tx.init(v["params"]),
             extra=method.init_extra(variables),
         )
 
@@ -114,18 +137,19 @@ def loss_program(method: LossMethod, model, spec, mesh) -> engine.Program:
             state.params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        scale = method.update_scale(batch)
+        if scale is not None:
+            updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
         mask = method.update_mask(state.extra)
         if mask is not None:  # after the optimizer: weight decay cannot move masked weights
             # `where`, not a product: 0 * inf would still move a weight.
             updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **metrics}
-        metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
         return state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        ), metrics
+        ), with_finite({"loss": loss, **metrics})
 
-    return engine.Program(init=init, step=step, make_batch=method.make_batch(spec, mesh))
+    return engine.Program(init=init, step=step, make_batch=method.make_batch(model, spec, mesh))
 
 
 def forward(model, params, batch_stats, part, *, train=True):
@@ -146,6 +170,7 @@ class FineTune(LossMethod):
     (docs/methods.md)."""
 
     name = "ft"
+    title = "FT"
     driver = "r"
 
     epochs: int = 10  # MNIST CNN, tuned (docs/methods.md)
@@ -168,6 +193,7 @@ class GradientAscent(LossMethod):
     CNN the epochs and lr are tuned on a validation split of D_r (docs/methods.md)."""
 
     name = "ga"
+    title = "GA"
     driver = "f"
 
     epochs: int = 1  # MNIST CNN, tuned (docs/methods.md)
@@ -204,6 +230,7 @@ class NegGradPlus(LossMethod):
     lr and epochs are tuned on a validation split of D_r (docs/methods.md)."""
 
     name = "neggrad_plus"
+    title = "NegGrad+"
     driver = "r"
     also = ("f",)
 
@@ -263,6 +290,7 @@ class L1Sparse(LossMethod):
     D_r (docs/methods.md)."""
 
     name = "l1_sparse"
+    title = "l1-sparse"
     driver = "r"
 
     epochs: int = 3  # MNIST CNN, tuned (docs/methods.md)

@@ -1,12 +1,14 @@
-"""Pieces shared by the teacher, noise and boundary methods: mixed batches, KL divergences,
-state hand-over between stages, fixed subsets of D_r.
+"""Pieces shared by the teacher, noise and relabelling methods: mixed batches, KL divergences,
+fixed subsets of D_r.
 
-Several methods train on a *shuffled union* of two pools (Bad Teacher: D_f and a D_r subset;
-UNSIR: noise and a D_r subset) or alternate between two pools (SCRUB). On the engine every
-pool is a stream with its own `*_ids`/`*_mask` columns; `union_plan` lays the pools' items
-out in one `[steps, batch]` grid (a position holds an item of exactly one pool) and
-`merge` builds the one batch the model sees, so a step costs one forward pass of `batch`
-rows, as in the references.
+Several methods train on a *shuffled union* of pools (Bad Teacher: D_f and a D_r subset;
+UNSIR: noise and a D_r subset; RL and Amnesiac: D_f and D_r) or alternate between two pools
+(SCRUB). `union_plan` is the one union mechanism: it lays the pools' items out in one
+`[steps, batch]` grid (a position holds an item of exactly one pool). On the engine every pool
+is then a stream with its own `*_ids`/`*_mask` columns and `merge` builds the one batch the
+model sees, so a step costs one forward pass of `batch` rows, as in the references (the
+relabelling methods turn the grid into one stream of rows and labels instead:
+`camu_jax.methods.relabel.relabelled_plan`).
 """
 
 from __future__ import annotations
@@ -15,15 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import xlogy
-
-
-def variables_of(state) -> dict:
-    """`{'params', 'batch_stats'}` of a model's variables or of a previous stage's state: a
-    stage's `init` receives the previous stage's state (the first stage: the original's
-    variables)."""
-    if isinstance(state, dict):
-        return {"params": state["params"], "batch_stats": state["batch_stats"]}
-    return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def union_plan(

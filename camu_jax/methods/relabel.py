@@ -2,10 +2,11 @@
 
 Both methods train on the union D_f u D_r as ONE shuffled dataset (the official codes'
 `ConcatDataset` / list of both sets in one `DataLoader`), D_f items carrying replacement
-labels. The union is a stream of its own (`union_plan`, `union_batch`): a plan row holds the
-training rows, labels and mask of one batch, so a batch mixes D_f and D_r items in the
-proportion the shuffle gives, as theirs do. Replacement labels are drawn on the host from the
-member's seed (`MemberContext.rng`).
+labels. The shuffle is the methods' one union mechanism (`camu_jax.methods.mixing.union_plan`);
+since the replacement labels may change every epoch, the union travels as a stream of its own
+(`relabelled_plan`, `union_batch`): a plan row holds the training rows, labels and mask of one
+batch, so a batch mixes D_f and D_r items in the proportion the shuffle gives, as theirs do.
+Replacement labels are drawn on the host from the member's seed (`MemberContext.rng`).
 
 * RL, random labels (Golatkar et al., CVPR 2020; the "RL" baseline of Fan et al., ICLR 2024).
 * Amnesiac unlearning as the benchmark suites run it (Graves et al., AAAI 2021).
@@ -21,28 +22,33 @@ import jax
 import numpy as np
 
 from camu_jax import sharding
-from camu_jax.data.pipeline import item_keys, preprocess, shuffled_batches
+from camu_jax.data.pipeline import item_keys, preprocess
 from camu_jax.methods.finetune import LossMethod, ce, forward
+from camu_jax.methods.mixing import union_plan
 from camu_jax.steps import adam_l2
 
 UNION_TAG = 8  # rng tags of the union shuffle and of the label draws (others use 4 to 7)
 LABEL_TAG = 9
 
 
-def union_plan(ctx, epoch: int, batch_size: int, forget_labels: np.ndarray) -> dict:
-    """One epoch over D_f u D_r shuffled together (a `DataLoader(shuffle=True)` over their
-    concatenation, short last batch kept): `u_ids` (position in the union: D_f items first),
-    `u_rows` (training rows), `u_y` (`forget_labels` for D_f items, the true label for D_r
-    items), `u_mask`, each `[steps, batch]`."""
+def relabelled_plan(ctx, epoch: int, batch_size: int, forget_labels: np.ndarray) -> dict:
+    """One epoch over D_f u D_r shuffled together (`union_plan` of the two: a
+    `DataLoader(shuffle=True)` over their concatenation, short last batch kept): `u_ids`
+    (position in the union: D_f items first), `u_rows` (training rows), `u_y` (`forget_labels`
+    for D_f items, the true label for D_r items), `u_mask`, each `[steps, batch]`."""
     forget, remain = ctx.forget, ctx.remain
     rows = np.concatenate([forget, remain]).astype(np.int32)
     labels = np.concatenate([forget_labels, ctx.labels[remain]]).astype(np.int32)
-    ids, mask = shuffled_batches(len(rows), batch_size, ctx.rng(UNION_TAG, epoch))
+    pools = {"f": np.arange(len(forget)), "r": np.arange(len(remain))}
+    plan = union_plan(ctx.rng(UNION_TAG, epoch), pools, batch_size)
+    ids = np.where(plan["r_mask"] > 0, plan["r_ids"] + len(forget), plan["f_ids"])
+    ids = ids.astype(np.int32)
+    mask = plan["f_mask"] + plan["r_mask"]
     return {"u_ids": ids, "u_rows": rows[ids], "u_y": labels[ids], "u_mask": mask}
 
 
 def union_batch(spec, mesh):
-    """`make_batch` for `union_plan` rows: `batch["union"] = {x, y, mask, ids}`, inputs
+    """`make_batch` for `relabelled_plan` rows: `batch["union"] = {x, y, mask, ids}`, inputs
     augmented afresh every step (as a `DataLoader` with training transforms)."""
 
     def make_batch(state, shared, member, row):
@@ -69,9 +75,9 @@ class UnionMethod(LossMethod):
         raise NotImplementedError
 
     def plan(self, ctx, epoch):
-        return union_plan(ctx, epoch, self.batch_size, self.forget_labels(ctx, epoch))
+        return relabelled_plan(ctx, epoch, self.batch_size, self.forget_labels(ctx, epoch))
 
-    def make_batch(self, spec, mesh):
+    def make_batch(self, model, spec, mesh):
         return union_batch(spec, mesh)
 
     def loss(self, model, params, batch_stats, batch, extra):
@@ -91,6 +97,7 @@ class RandomLabels(UnionMethod):
     are tuned on a validation split of D_r (docs/methods.md)."""
 
     name = "rl"
+    title = "RL"
 
     epochs: int = 2  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.03  # MNIST CNN, tuned (docs/methods.md)
@@ -117,6 +124,7 @@ class Amnesiac(UnionMethod):
     validation split of D_r (docs/methods.md)."""
 
     name = "amnesiac"
+    title = "Amnesiac"
 
     epochs: int = 1  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.0001  # MNIST CNN, tuned (docs/methods.md)

@@ -93,6 +93,7 @@ class SalUn(RandomLabels):
     validation split of D_r (docs/methods.md); the threshold is theirs, not tuned."""
 
     name = "salun"
+    title = "SalUn"
 
     epochs: int = 2  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.03  # MNIST CNN, tuned (docs/methods.md)

@@ -100,6 +100,7 @@ class SSD(Method):
     dampening constant, `batch_size` of the importance batches."""
 
     name = "ssd"
+    title = "SSD"
 
     alpha: float = 0.1  # MNIST CNN, tuned (official ResNet18: 10)
     lam: float = 0.01  # MNIST CNN, tuned (official ResNet18: 1)

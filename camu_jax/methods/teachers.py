@@ -1,31 +1,24 @@
 """Teacher-student unlearning: Bad Teacher (Chundawat et al., AAAI 2023) and SCRUB (Kurmanji et
 al., NeurIPS 2023). The frozen original is the (competent) teacher; the student starts as a
 copy of it. Teachers live in member data (stacked variables on device) and run in eval mode
-inside each step, on the step's own inputs (so augmented inputs get their teachers' outputs).
+inside each step, on the step's own inputs (so augmented inputs get their teachers' outputs):
+both are one-optimizer `LossMethod`s whose `make_batch` adds the teachers' outputs to the
+merged batch their `loss` reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from camu_jax import engine, sharding
+from camu_jax import sharding
 from camu_jax.data.pipeline import shuffled_batches
-from camu_jax.methods.base import Method, Stage, stream_batch
-from camu_jax.methods.finetune import LossState, ce, forward, sgd
-from camu_jax.methods.mixing import (
-    fraction_subset,
-    kl_rows,
-    masked_sum,
-    merge,
-    union_plan,
-    variables_of,
-)
+from camu_jax.methods.base import stream_batch
+from camu_jax.methods.finetune import LossMethod, ce, forward
+from camu_jax.methods.mixing import fraction_subset, kl_rows, masked_sum, merge, union_plan
 from camu_jax.models import apply_model, init_variables
 from camu_jax.steps import adam_l2, check_number
 
@@ -37,21 +30,11 @@ def _logits(model, variables, x):
     return apply_model(model, variables["params"], variables["batch_stats"], x, train=False)[0]
 
 
-def _state(tx, variables) -> LossState:
-    v = variables_of(variables)
-    return LossState(
-        step=jnp.zeros((), jnp.int32),
-        params=v["params"],
-        batch_stats=v["batch_stats"],
-        opt_state=tx.init(v["params"]),
-    )
-
-
 # ------------------------------------------------------------------------------ Bad Teacher
 
 
 @dataclasses.dataclass(frozen=True)
-class BadTeacher(Method):
+class BadTeacher(LossMethod):
     """Bad Teacher ("Can Bad Teaching Induce Forgetting? Unlearning in Deep Networks Using an
     Incompetent Teacher", Chundawat, Tarun, Mandal, Kankanhalli, AAAI 2023; official code
     `vikram2000b/bad-teaching-unlearning`, `unlearn.py: blindspot_unlearner`, notebook
@@ -67,6 +50,8 @@ class BadTeacher(Method):
     """
 
     name = "bad_teacher"
+    stage = "distill"
+    title = "Bad Teacher"
 
     epochs: int = 1  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.01  # MNIST CNN, tuned (docs/methods.md)
@@ -98,48 +83,39 @@ class BadTeacher(Method):
         pools = {"f": np.arange(len(ctx.forget)), "r": subset}
         return union_plan(ctx.rng(_BAD_TAG, 2, epoch), pools, self.batch_size)
 
-    def stages(self):
-        return (Stage("distill", functools.partial(_bad_program, self), self.plan, self.epochs),)
+    def tx(self):
+        return adam_l2(self.learning_rate, 0.0)
 
+    def make_batch(self, model, spec, mesh):
+        make = stream_batch(self, spec, mesh)
+        temp = self.temperature
 
-def _bad_program(config: BadTeacher, model, spec, mesh) -> engine.Program:
-    tx = adam_l2(config.learning_rate, 0.0)
-    make = stream_batch(config, spec, mesh)
-    temp = config.temperature
+        def make_batch(state, shared, member, row):
+            b = make(state, shared, member, row)
+            m = merge([b["remain"], b["forget"]])  # which == 1: a D_f item
+            good = jax.nn.softmax(_logits(model, member["teacher"], m["x"]) / temp, axis=-1)
+            bad = jax.nn.softmax(_logits(model, member["bad_teacher"], m["x"]) / temp, axis=-1)
+            m["teacher_probs"] = jnp.where((m["which"] == 1)[:, None], bad, good)
+            return m
 
-    def make_batch(state, shared, member, row):
-        b = make(state, shared, member, row)
-        m = merge([b["remain"], b["forget"]])  # which == 1: a D_f item
-        good = jax.nn.softmax(_logits(model, member["teacher"], m["x"]) / temp, axis=-1)
-        bad = jax.nn.softmax(_logits(model, member["bad_teacher"], m["x"]) / temp, axis=-1)
-        m["teacher_probs"] = jnp.where((m["which"] == 1)[:, None], bad, good)
-        return m
+        return make_batch
 
-    def step(state, batch):
-        def loss_fn(params):
-            logits, _, bs = forward(model, params, state.batch_stats, batch)
-            rows = kl_rows(
-                student_logits=logits, teacher_probs=batch["teacher_probs"], temperature=temp
-            )
-            count = jnp.maximum(jnp.sum(batch["mask"]), 1.0) * logits.shape[-1]
-            return masked_sum(rows, batch["mask"]) / count, bs
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "finite": jnp.isfinite(loss)}
-        return state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        ), metrics
-
-    return engine.Program(init=functools.partial(_state, tx), step=step, make_batch=make_batch)
+    def loss(self, model, params, batch_stats, batch, extra):
+        logits, _, batch_stats = forward(model, params, batch_stats, batch)
+        rows = kl_rows(
+            student_logits=logits,
+            teacher_probs=batch["teacher_probs"],
+            temperature=self.temperature,
+        )
+        count = jnp.maximum(jnp.sum(batch["mask"]), 1.0) * logits.shape[-1]
+        return masked_sum(rows, batch["mask"]) / count, (batch_stats, {})
 
 
 # ------------------------------------------------------------------------------ SCRUB
 
 
 @dataclasses.dataclass(frozen=True)
-class Scrub(Method):
+class Scrub(LossMethod):
     """SCRUB ("Towards Unbounded Machine Unlearning", Kurmanji, Triantafillou, Hayes, Triantafillou,
     NeurIPS 2023; official code `meghdadk/SCRUB`, `large_scale_unlearning.ipynb` with
     `thirdparty/repdistiller/helper/loops.py: train_distill`).
@@ -160,6 +136,8 @@ class Scrub(Method):
     """
 
     name = "scrub"
+    stage = "scrub"
+    title = "SCRUB"
 
     epochs: int = 3  # MNIST CNN, tuned (docs/methods.md)
     msteps: int = 2
@@ -214,51 +192,33 @@ class Scrub(Method):
             "lr_scale": np.full((steps, width), self.lr_decay_rate**decays, np.float32),
         }
 
-    def stages(self):
-        return (Stage("scrub", functools.partial(_scrub_program, self), self.plan, self.epochs),)
-
-
-def _scrub_program(config: Scrub, model, spec, mesh) -> engine.Program:
-    tx = sgd(config.learning_rate, config.momentum, config.weight_decay)
-    make = stream_batch(config, spec, mesh)
-    temp = config.temperature
-
-    def make_batch(state, shared, member, row):
-        b = make(state, shared, member, row)
-        m = merge([b["remain"], b["forget"]])
-        m["teacher_probs"] = jax.nn.softmax(
-            _logits(model, member["teacher"], m["x"]) / temp, axis=-1
-        )
-        m["maximize"] = jnp.sum(b["forget"]["mask"]) > 0
-        m["lr_scale"] = b["lr_scale"][0]
-        return m
-
-    def step(state, batch):
-        def loss_fn(params):
-            logits, _, bs = forward(model, params, state.batch_stats, batch)
-            rows = kl_rows(
-                student_logits=logits, teacher_probs=batch["teacher_probs"], temperature=temp
-            )
-            kl = masked_sum(rows, batch["mask"]) * temp**2 / jnp.maximum(jnp.sum(batch["mask"]), 1)
-            cls = ce(logits, batch["y"], batch["mask"])
-            loss = jnp.where(batch["maximize"], -kl, config.gamma * cls + config.alpha * kl)
-            return loss, (bs, kl, cls)
-
-        (loss, (batch_stats, kl, cls)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    def update_scale(self, batch):
         # PyTorch's SGD applies lr last (p -= lr * buf): scaling the update scales the lr.
-        updates = jax.tree.map(lambda u: u * batch["lr_scale"].astype(u.dtype), updates)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss,
-            "kl": kl,
-            "ce": jnp.where(batch["maximize"], 0.0, cls),
-        }
-        metrics["finite"] = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
-        return state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        ), metrics
+        return batch["lr_scale"]
 
-    return engine.Program(init=functools.partial(_state, tx), step=step, make_batch=make_batch)
+    def make_batch(self, model, spec, mesh):
+        make = stream_batch(self, spec, mesh)
+        temp = self.temperature
+
+        def make_batch(state, shared, member, row):
+            b = make(state, shared, member, row)
+            m = merge([b["remain"], b["forget"]])
+            m["teacher_probs"] = jax.nn.softmax(
+                _logits(model, member["teacher"], m["x"]) / temp, axis=-1
+            )
+            m["maximize"] = jnp.sum(b["forget"]["mask"]) > 0
+            m["lr_scale"] = b["lr_scale"][0]
+            return m
+
+        return make_batch
+
+    def loss(self, model, params, batch_stats, batch, extra):
+        temp = self.temperature
+        logits, _, batch_stats = forward(model, params, batch_stats, batch)
+        rows = kl_rows(
+            student_logits=logits, teacher_probs=batch["teacher_probs"], temperature=temp
+        )
+        kl = masked_sum(rows, batch["mask"]) * temp**2 / jnp.maximum(jnp.sum(batch["mask"]), 1)
+        cls = ce(logits, batch["y"], batch["mask"])
+        loss = jnp.where(batch["maximize"], -kl, self.gamma * cls + self.alpha * kl)
+        return loss, (batch_stats, {"kl": kl, "ce": jnp.where(batch["maximize"], 0.0, cls)})

@@ -66,6 +66,7 @@ class UnrollingSGD(Method):
     E (how often training saw D_f), `batch_size` b (the training's batch size)."""
 
     name = "unrolling"
+    title = "Unrolling SGD"
 
     learning_rate: float = 7.5e-4  # MNIST CNN, tuned as 3e-3 at E = 5 (module docstring)
     original_epochs: int = 20

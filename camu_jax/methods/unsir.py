@@ -1,6 +1,7 @@
 """UNSIR (Tarun, Chundawat, Mandal, Kankanhalli, "Fast Yet Effective Machine Unlearning", IEEE
 TNNLS 2023, arXiv 2111.08947; official notebook `vikram2000b/Fast-Machine-Unlearning`,
-`Machine Unlearning.ipynb`): error-maximising noise, then impair and repair.
+`Machine Unlearning.ipynb`): error-maximising noise, then impair and repair, two stages of one
+`LossMethod` (`loss_program` with each stage's Adam).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from camu_jax import engine, sharding
-from camu_jax.methods.base import Method, Stage, stream_batch
-from camu_jax.methods.finetune import LossState, ce, forward
-from camu_jax.methods.mixing import merge, per_class_subset, union_plan, variables_of
+from camu_jax import sharding
+from camu_jax.methods.base import Stage, stream_batch
+from camu_jax.methods.finetune import LossMethod, ce, forward, loss_program
+from camu_jax.methods.mixing import merge, per_class_subset, union_plan
 from camu_jax.models import apply_model
 from camu_jax.steps import adam_l2
 
@@ -24,7 +25,7 @@ _NOISE_TAG = 0x0315
 
 
 @dataclasses.dataclass(frozen=True)
-class Unsir(Method):
+class Unsir(LossMethod):
     """UNSIR: learn *error-maximising noise* for the forgotten labels against the frozen
     original, then **impair** (one epoch, Adam lr 0.02, on the shuffled union of the noise,
     repeated, and a small subset of D_r) and **repair** (one epoch, Adam lr 0.01, on the D_r
@@ -49,6 +50,7 @@ class Unsir(Method):
     """
 
     name = "unsir"
+    title = "UNSIR"
 
     noise_size: int = 256
     noise_steps: int = 40
@@ -107,17 +109,36 @@ class Unsir(Method):
         plan["noise_mask"] = np.zeros_like(plan["r_mask"])
         return plan
 
+    def make_batch(self, model, spec, mesh):
+        make = stream_batch(self, spec, mesh)
+
+        def make_batch(state, shared, member, row):
+            b = make(state, shared, member, row)
+            noise = {
+                "x": member["noise"][b["noise_ids"]],
+                "y": member["noise_y"][b["noise_ids"]],
+                "mask": b["noise_mask"],
+            }
+            return sharding.constrain_batch(merge([b["remain"], noise]), mesh)
+
+        return make_batch
+
+    def loss(self, model, params, batch_stats, batch, extra):
+        logits, _, batch_stats = forward(model, params, batch_stats, batch)
+        return ce(logits, batch["y"], batch["mask"]), (batch_stats, {})
+
     def stages(self):
+        # The notebook's Adam(lr): no weight decay; repair starts a fresh Adam, as the notebook.
         return (
             Stage(
                 "impair",
-                functools.partial(_program, self, self.impair_lr),
+                functools.partial(loss_program, self, tx=adam_l2(self.impair_lr, 0.0)),
                 self.impair_plan,
                 self.impair_epochs,
             ),
             Stage(
                 "repair",
-                functools.partial(_program, self, self.repair_lr),
+                functools.partial(loss_program, self, tx=adam_l2(self.repair_lr, 0.0)),
                 self.repair_plan,
                 self.repair_epochs,
             ),
@@ -168,47 +189,9 @@ def error_maximising_noise(
     step, start = _noise_program(model, mesh, shape, float(learning_rate), float(weight))
     placed = sharding.shard_members({"keys": np.asarray(keys), "y": labels}, mesh)
     noise, opt_state = start(placed["keys"])
-    sync = jax.default_backend() == "cpu" and mesh.devices.size > 1
+    sync = sharding.needs_sync(mesh)
     for _ in range(steps):
         noise, opt_state = step(noise, opt_state, originals, placed["y"])
         if sync:  # fake CPU devices can deadlock in a collective unless each call is waited for
             jax.block_until_ready(noise)
     return noise
-
-
-def _program(config: Unsir, learning_rate: float, model, spec, mesh) -> engine.Program:
-    tx = adam_l2(learning_rate, 0.0)  # the notebook's Adam(lr): no weight decay
-    make = stream_batch(config, spec, mesh)
-
-    def init(variables):
-        v = variables_of(variables)  # repair starts a fresh Adam, as the notebook
-        return LossState(
-            step=jnp.zeros((), jnp.int32),
-            params=v["params"],
-            batch_stats=v["batch_stats"],
-            opt_state=tx.init(v["params"]),
-        )
-
-    def make_batch(state, shared, member, row):
-        b = make(state, shared, member, row)
-        noise = {
-            "x": member["noise"][b["noise_ids"]],
-            "y": member["noise_y"][b["noise_ids"]],
-            "mask": b["noise_mask"],
-        }
-        return sharding.constrain_batch(merge([b["remain"], noise]), mesh)
-
-    def step(state, batch):
-        def loss_fn(params):
-            logits, _, bs = forward(model, params, state.batch_stats, batch)
-            return ce(logits, batch["y"], batch["mask"]), bs
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "finite": jnp.isfinite(loss)}
-        return state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
-        ), metrics
-
-    return engine.Program(init=init, step=step, make_batch=make_batch)

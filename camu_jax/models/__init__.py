@@ -48,6 +48,15 @@ def head_modules(model: nn.Module) -> tuple[str, ...]:
     return tuple(heads)
 
 
+def state_variables(state) -> dict:
+    """`{'params', 'batch_stats'}` of a model's variables (a dict) or of a training state (any
+    object with `params` and `batch_stats`: a phase's state, which the next stage of a method
+    starts from)."""
+    if isinstance(state, dict):
+        return {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
 def create_model(name: str, *, num_classes: int) -> nn.Module:
     """Builds a model by name: `cnn`, `resnet18` (ImageNet stem) or `resnet18_cifar`."""
     if name == "cnn":
@@ -70,4 +79,5 @@ __all__ = [
     "head_modules",
     "init_variables",
     "max_pool_2x2",
+    "state_variables",
 ]

@@ -1,7 +1,7 @@
 """The reference's "time": from the start of counterfactual construction to the end of the last
 unlearning epoch, MNIST shapes, the reference's presets.
 
-JAX: the library's `camu_jax.unlearning.unlearn` (a population of one). PyTorch:
+JAX: the library's `camu_jax.methods.camu.unlearn` (a population of one). PyTorch:
 `pytorch_reference.camu.unlearn` (DataLoaders at batch 32, counterfactuals built in a Python
 pass, teacher recomputed every step). Each JAX run starts from empty in-memory compilation
 caches (and no persistent cache), so its seconds include compilation, as a user's first run
@@ -36,7 +36,7 @@ class JaxEndToEnd:
         self.timer = CompileTimer()
 
     def run(self, preset: str, splits, epochs: int, seed: int) -> dict:
-        from camu_jax.unlearning import CamuConfig, unlearn
+        from camu_jax.methods.camu import CamuConfig, unlearn
 
         p = PRESETS[preset]
         config = CamuConfig(epochs=epochs, kl_lr=p["kl_lr"], impair_lr=p["impair_lr"])

@@ -18,8 +18,8 @@ JAX_EVAL_BATCH = 1024
 def bench_eval(data, variables, state_dict, *, repeats: int) -> dict:
     from camu_jax import sharding
     from camu_jax.data.pipeline import DeviceData, InputSpec
-    from camu_jax.evaluation import predict_logits
     from camu_jax.models import create_model
+    from camu_jax.prediction import predict_logits
     from experiments.pytorch_reference import data as tdata
     from experiments.pytorch_reference import evaluate, models
 

@@ -64,8 +64,9 @@ class JaxStepRunner:
         import jax
         import jax.numpy as jnp
 
+        from camu_jax.methods.camu import camu_step, init_camu_state
         from camu_jax.models import apply_model, create_model, init_variables
-        from camu_jax.steps import adam_l2, camu_step, init_camu_state
+        from camu_jax.steps import adam_l2
 
         model = create_model(name, num_classes=NUM_CLASSES)
         self.teacher = init_variables(model, jax.random.key(seed), shape)

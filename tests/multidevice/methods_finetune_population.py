@@ -20,11 +20,11 @@ import numpy as np  # noqa: E402
 from camu_jax import methods, sharding  # noqa: E402
 from camu_jax.data import ForgetSpec, input_spec_for, load_dataset, make_splits  # noqa: E402
 from camu_jax.data.pipeline import DeviceData  # noqa: E402
-from camu_jax.evaluation import predict  # noqa: E402
 from camu_jax.models import (
     create_model,  # noqa: E402
     init_variables,  # noqa: E402
 )
+from camu_jax.prediction import predict  # noqa: E402
 from camu_jax.training import TrainConfig, train_population  # noqa: E402
 
 SEEDS = (0, 1)

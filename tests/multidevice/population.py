@@ -22,12 +22,12 @@ import numpy as np  # noqa: E402
 from camu_jax import sharding  # noqa: E402
 from camu_jax.data import ForgetSpec, input_spec_for, load_dataset, make_splits  # noqa: E402
 from camu_jax.data.pipeline import DeviceData  # noqa: E402
+from camu_jax.methods.camu import CamuConfig, unlearn, unlearn_population  # noqa: E402
 from camu_jax.models import (
     create_model,  # noqa: E402
     init_variables,
 )
 from camu_jax.training import TrainConfig, train_model, train_population  # noqa: E402
-from camu_jax.unlearning import CamuConfig, unlearn, unlearn_population  # noqa: E402
 
 SEEDS = (0, 1, 2)
 CLASSES = (0, 1, 2)

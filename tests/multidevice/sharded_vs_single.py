@@ -23,10 +23,16 @@ from flax import linen as nn  # noqa: E402
 from camu_jax import sharding  # noqa: E402
 from camu_jax.data.pipeline import DeviceData, InputSpec  # noqa: E402
 from camu_jax.data.splits import ForgetSpec, make_splits  # noqa: E402
+from camu_jax.methods.camu import (  # noqa: E402
+    CamuCoefficients,
+    CamuConfig,
+    camu_step,
+    init_camu_state,
+    unlearn,
+)
 from camu_jax.models import BatchNorm, create_model, init_variables  # noqa: E402
-from camu_jax.steps import CamuCoefficients, adam_l2, camu_step, init_camu_state
+from camu_jax.steps import adam_l2  # noqa: E402
 from camu_jax.training import TrainConfig, train_model  # noqa: E402
-from camu_jax.unlearning import CamuConfig, unlearn  # noqa: E402
 
 
 def maxdiff(a, b):
