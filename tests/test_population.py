@@ -25,8 +25,7 @@ from camu_jax.data.splits import ForgetSpec, make_splits
 from camu_jax.evaluation import evaluate
 from camu_jax.models import create_model, init_variables
 from camu_jax.steps import adam_l2, init_train_state
-from camu_jax.training import TrainConfig, train_population
-from camu_jax.training import _engine as train_engine
+from camu_jax.training import TrainConfig, train_engine, train_population
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAM_STEP_ERROR = 4.5e-7  # per step, float64 (module docstring)
@@ -75,7 +74,7 @@ def _states(model, seeds, tx):
 def test_padding_steps_leave_a_member_bit_identical(data):
     model = create_model("cnn", num_classes=4)
     config = TrainConfig()
-    run = train_engine(model, config.learning_rate, config.weight_decay, data.spec, data.mesh, None)
+    run = train_engine(model, config, data.spec, data.mesh)
     tx = adam_l2(config.learning_rate, config.weight_decay)
     states = _states(model, (0, 1), tx)
     stacked = sharding.shard_members(engine.stack(states), data.mesh)
@@ -114,7 +113,7 @@ def test_one_compile_serves_every_wave_and_member(data):
     items = [np.arange(N), np.arange(N // 2), np.arange(N // 3)]
     kw = dict(items=items, seeds=seeds, config=config, progress=False)
     train_population(model, variables, data=data, population_size=2, **kw)
-    run = train_engine(model, config.learning_rate, config.weight_decay, data.spec, data.mesh, None)
+    run = train_engine(model, config, data.spec, data.mesh)
     compiled = run.compiled_count()
     # Other members, other wave split, other item counts: the same programs.
     train_population(model, variables[::-1], data=data, population_size=2, **kw)

@@ -20,15 +20,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
 import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
-from camu_jax import checks, engine, sharding
+from camu_jax import checks, engine, runner, sharding
 from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess, shuffled_batches
 from camu_jax.data.splits import Splits
 
@@ -87,6 +87,7 @@ class Method:
     `batch_size` field, and `stages()`; see the module docstring."""
 
     name: ClassVar[str]
+    title: ClassVar[str]  # display title in tables and plots (`camu_jax.results.method_title`)
     batch_size: int
     fixed_augment: ClassVar[tuple[str, ...]] = ()  # streams augmented once per item
 
@@ -122,7 +123,11 @@ class Method:
         raise NotImplementedError
 
     def variables(self, state) -> dict:
-        return {"params": state.params, "batch_stats": state.batch_stats}
+        """The model's variables of a method's final state (default: its `params` and
+        `batch_stats`)."""
+        from camu_jax.models import state_variables
+
+        return state_variables(state)
 
 
 # ------------------------------------------------------------------------------ batches
@@ -228,12 +233,6 @@ def epoch_plan(
 # ------------------------------------------------------------------------------ runner
 
 
-@functools.lru_cache(maxsize=64)
-def _engine(method: Method, index: int, model, spec, mesh, use_scan) -> engine.Engine:
-    # One engine per (method config, stage): a study's waves reuse its compiled programs.
-    return engine.Engine(method.stages()[index].program(model, spec, mesh), mesh, use_scan=use_scan)
-
-
 def _widths(splits: Sequence[Splits]) -> dict[str, int]:
     def quantum(n):
         return max(WIDTH_QUANTUM, -(-n // WIDTH_QUANTUM) * WIDTH_QUANTUM)
@@ -255,19 +254,27 @@ def run_population(
     seeds: Sequence[int],
     num_classes: int,
     names: Sequence[str] | None = None,
+    checkpoint_dirs: Sequence[str | Path | None] | None = None,
+    metas: Sequence[dict] | None = None,
+    checkpoint_every: float = 60.0,
     population_size: int | None = None,
     chunk_steps: int = 250,
     use_scan: bool | None = None,
     progress: bool = True,
     on_divergence: str = "raise",
-) -> list[tuple[dict, dict]]:
+) -> list[tuple[dict | None, dict]]:
     """Runs `method` from every frozen original `originals[i]` on `splits[i]`, `seeds[i]`, at
     most `population_size` members at a time (default: the layout `engine.place` chooses for
-    the phase); returns per member `(variables, info)`.
+    the phase), on the one wave runner (`camu_jax.runner`); returns per member
+    `(variables, info)`.
 
     info: `seconds` (the member's share of its wave's wall time: preparation + unlearning,
     compile included, the reference's "time"), `construct_seconds` (preparation),
-    `compile_seconds`, `losses` (per chunk means), `steps`.
+    `compile_seconds`, `losses` (per chunk means), `steps`, `epochs_run`, `resumed_from`.
+
+    `checkpoint_dirs[i]` (None: none) is where member i's state is saved at epoch ends (every
+    `checkpoint_every` seconds, and after its last epoch) with the JSON identity `metas[i]`,
+    and resumed from after a kill, bit-identically; a finished member is restored.
 
     A member whose loss or parameters turn non-finite: `on_divergence="raise"` raises
     FloatingPointError naming it, its phase and step; `"record"` gives it `variables=None` and
@@ -281,59 +288,41 @@ def run_population(
     checks.check_labels(data, num_classes)
     checks.check_model_classes(model, ("data", data), num_classes=num_classes)
     sharding.check_batch_size(method.batch_size, data.mesh)
-    count = len(originals)
-    names = list(names or [f"{method.name} {i}" for i in range(count)])
-    if not (len(splits) == len(seeds) == len(names) == count):
-        raise ValueError("originals, splits, seeds and names differ in length")
+    members = runner.members(
+        method.name, originals, names, checkpoint_dirs, metas, splits=splits, seeds=seeds
+    )
     widths = _widths(splits)
     ctxs = [
         MemberContext(s, sp, data.host_labels, num_classes, widths)
         for s, sp in zip(seeds, splits, strict=True)
     ]
     stages = method.stages()
-    # One chunk length per stage for every wave (a scan's length is part of its shape).
-    chunks = [
-        max(1, min(chunk_steps, max(len(next(iter(st.plan(c, 0).values()))) for c in ctxs)))
-        for st in stages
-    ]
+    spec = data.spec
 
-    def engines_on(mesh):
-        return [_engine(method, i, model, data.spec, mesh, use_scan) for i in range(len(stages))]
-
-    def probe(mesh, size, timed):
-        return _probe(
-            method, model, engines_on(mesh), chunks, originals, data.on(mesh), ctxs, size, timed
+    def stage(k: int, st: Stage) -> runner.Stage:
+        longest = max(len(next(iter(st.plan(c, 0).values()))) for c in ctxs)
+        return runner.Stage(
+            name=st.name,
+            key=("method", method, k, model, spec),
+            program=lambda mesh: st.program(model, spec, mesh),
+            plan=lambda i, epoch: st.plan(ctxs[i], epoch),
+            epochs=st.epochs,
+            chunk=max(1, min(chunk_steps, longest)),
         )
 
-    steps = sum(st.epochs * len(next(iter(st.plan(c, 0).values()))) for st in stages for c in ctxs)
-    placement = engine.place(
-        population_size, count, data.mesh, probe, steps=steps, what=method.name
+    phase = runner.Phase(
+        name=method.name,
+        stages=tuple(stage(k, st) for k, st in enumerate(stages)),
+        member_data=lambda indices, placed: _member_data(
+            method, model, [originals[i] for i in indices], placed, [ctxs[i] for i in indices]
+        ),
+        variables=method.variables,
+        checkpoint_every=checkpoint_every,
+        on_divergence=on_divergence,
+        use_scan=use_scan,
+        progress=progress,
     )
-    data = data.on(placement.mesh)
-    engines = engines_on(data.mesh)
-    size = placement.size
-    results: list = [None] * count
-    for wave in engine.waves(count, size):
-        outs = _run_wave(
-            method,
-            model,
-            engines,
-            chunks,
-            [originals[i] for i in wave],
-            data,
-            [ctxs[i] for i in wave],
-            [names[i] for i in wave],
-            size,
-            progress,
-            on_divergence,
-        )
-        for i, out in zip(wave, outs, strict=True):
-            results[i] = out
-    return results
-
-
-def _stack(trees):
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+    return runner.run(phase, members, data, population_size=population_size)
 
 
 def _member_data(method, model, originals, data, ctxs):
@@ -349,100 +338,8 @@ def _member_data(method, model, originals, data, ctxs):
         for k, v in method.member_arrays(c).items():
             arrays[k] = c.pad(v, STREAMS[k[0]]) if k[:2] in ("f_", "r_", "s_") else v
         host.append(arrays)
-    host = _stack(host)
+    host = engine.stack(host)
     member = sharding.shard_members(host, data.mesh)
-    teachers = sharding.shard_members(_stack(originals), data.mesh)
+    teachers = sharding.shard_members(engine.stack(originals), data.mesh)
     member.update(method.prepare(model, teachers, data, host))
     return member
-
-
-def _probe(method, model, engines, chunks, originals, data, ctxs, size, timed):
-    """`engine.place`'s probe: bytes per member of the first stage of a wave of the first
-    `size` members (padded), and with `timed` the seconds of one of its steps."""
-    pad = functools.partial(engine.pad_members, size=size)
-    wave_ctxs = pad(ctxs[:size])
-    member = _member_data(method, model, pad(originals[:size]), data, wave_ctxs)
-    state = engines[0].init(_stack(pad(originals[:size])))
-    stage = method.stages()[0]
-    plan = engine.stack_plans([stage.plan(c, 0) for c in wave_ctxs])
-    part = {k: v[:, : chunks[0]] for k, v in engine.pad_steps(plan, chunks[0]).items()}
-    shared = (data.images, data.labels)
-    need = engines[0].memory_per_member(state, shared, member, part)
-    if not timed:
-        return need, None, 0.0
-    return need, *engines[0].step_seconds(state, shared, member, part)
-
-
-def _run_wave(
-    method, model, engines, chunks, originals, data, ctxs, names, size, progress, on_divergence
-):
-    timer = engine.Timer()
-    real = len(originals)
-    pad = functools.partial(engine.pad_members, size=size)
-    originals, ctxs, names = pad(originals), pad(ctxs), pad(names)
-    member = _member_data(method, model, originals, data, ctxs)
-    jax.block_until_ready(member)
-    construct_seconds = timer.seconds
-
-    shared = (data.images, data.labels)
-    state = _stack(originals)
-    losses = [[] for _ in range(real)]
-    steps = [0] * real
-    diverged: dict[int, str] = {}
-    stages = method.stages()
-    for stage, run, chunk in zip(stages, engines, chunks, strict=True):
-        if len(diverged) == real:
-            break  # nothing left to compute
-        where = method.name if len(stages) == 1 else f"{method.name} {stage.name}"
-        state = run.init(state)
-        plans_0 = [stage.plan(c, 0) for c in ctxs[:real]]
-        total = stage.epochs * sum(len(next(iter(p.values()))) for p in plans_0)
-        bar = tqdm(
-            total=total,
-            desc=f"{method.name} {stage.name}",
-            unit="step",
-            disable=not progress or jax.process_index() != 0,  # process 0 reports
-            leave=False,
-        )
-        for epoch in range(stage.epochs):
-            plans = []
-            for j, c in enumerate(ctxs):
-                plan = stage.plan(c, epoch)
-                if j >= real:
-                    plan = {k: np.zeros_like(v) for k, v in plan.items()}
-                else:
-                    steps[j] += len(next(iter(plan.values())))
-                plans.append(plan)
-            plan = engine.pad_steps(engine.stack_plans(plans), chunk)
-            for lo in range(0, next(iter(plan.values())).shape[1], chunk):
-                part = {k: v[:, lo : lo + chunk] for k, v in plan.items()}
-                state, metrics = run(state, shared, member, part)
-                bad = engine.nonfinite_members(
-                    metrics, names[:real], f"{where} epoch {epoch + 1}", state, skip=diverged
-                )
-                if bad and on_divergence == "raise":
-                    raise FloatingPointError(bad[min(bad)])
-                diverged.update(bad)
-                keys = [k for k in metrics if k not in ("finite", "active", "state_finite")]
-                for j in (j for j in range(real) if j not in diverged):
-                    means = engine.chunk_means(metrics, keys, j)
-                    if means:
-                        losses[j].append({"stage": stage.name, **means})
-                bar.update(int(np.asarray(metrics["active"], bool)[:, :real].sum()))
-        bar.close()
-    out = engine.unstack(method.variables(state), real)
-    share = timer.seconds / real
-    return [
-        (
-            None if j in diverged else out[j],
-            {
-                "seconds": share,
-                "construct_seconds": construct_seconds / real,
-                "compile_seconds": timer.compile_seconds / real,
-                "steps": steps[j],
-                "losses": losses[j],
-                **({"diverged": diverged[j]} if j in diverged else {}),
-            },
-        )
-        for j in range(real)
-    ]
