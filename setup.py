@@ -19,7 +19,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=find_packages(include=["camu_jax", "camu_jax.*", "experiments", "experiments.*"]),
+    # Only the library: `experiments/` holds the repository's scripts (`python -m
+    # experiments.unlearn` from the repository root), not a package for site-packages, where
+    # a top-level name as generic as `experiments` would shadow or be shadowed by others.
+    packages=find_packages(include=["camu_jax", "camu_jax.*"]),
     install_requires=REQUIREMENTS,
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],

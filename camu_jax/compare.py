@@ -1,34 +1,36 @@
 """The comparison a paper needs, from a notebook: original, retrain and unlearning methods on the
 same runs, evaluated by the library, in one call.
 
-`compare` trains the originals (one per seed) and the retrained models (one per run) as
-populations, runs each method as a population, scores every model (`evaluation.evaluate`), and
-adds the gaps to Retrain and the run-time efficiency; nothing is written to disk (the main job,
-`python -m experiments.unlearn`, adds checkpoints, reports and plots). `table` prints the mean
-and std over runs.
+`compare` runs the one study of the project (`camu_jax.study.run_study`, which the main job
+`python -m experiments.unlearn` runs too): the originals (one per seed) and the retrained
+models (one per run) as populations, each method as a population, every model scored
+(`evaluation.evaluate`), the gaps to Retrain and the run-time efficiency. Nothing is written
+to disk unless a `Store` is given (the main job adds a work dir, reports and plots). `table`
+prints the mean and std over runs.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import numbers
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from flax import linen as nn
 
-from camu_jax import checks, metrics
+from camu_jax import checks
 from camu_jax import methods as registry
 from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
-from camu_jax.evaluation import evaluate
-from camu_jax.methods.base import Method, run_population
-from camu_jax.models import init_variables
-from camu_jax.relearning import RelearnConfig, relearn
-from camu_jax.training import TrainConfig, train_population
+from camu_jax.methods.base import Method
+from camu_jax.relearning import RelearnConfig
 
-GAP_KEYS = ("UA", "RA", "TA", "mia_efficacy")
+# The table of a comparison is the one results table (`camu_jax.results.table`).
+from camu_jax.results import GAP_KEYS as GAP_KEYS
+from camu_jax.results import TABLE_COLUMNS as TABLE_COLUMNS
+from camu_jax.results import table as table
+from camu_jax.study import Run, Store, run_study
+from camu_jax.training import TrainConfig
 
 
 def compare(
@@ -45,16 +47,24 @@ def compare(
     population_size: int | None = None,
     relearning: bool = False,
     progress: bool = False,
-) -> list[dict]:
+    store: Store | None = None,
+    on_divergence: str = "record",
+    eval_workers: int | None = None,
+    record: bool = False,
+) -> list[dict] | dict:
     """Runs original, retrain and `methods` (names of `camu_jax.methods`, or configs) on every
-    run (`splits[i]`, `seeds[i]`); returns per run `{'seed', 'methods': {name: metrics}}` (and
-    `'relearn': {name: curve}` with `relearning`).
+    run (`splits[i]`, `seeds[i]`): the study of the main job (`camu_jax.study.run_study`);
+    returns per run `{'forget_class', 'seed', 'split_sizes', 'methods': {name: metrics}}`
+    (and `'relearn': {name: curve}` with `relearning`), or with `record` the whole study
+    record (runs, summary, phases, method configs).
 
     `forget_classes[i]` are run i's forgotten classes (class removal), or None (default: the
     classes D_f holds only where D_f is whole classes, else None); `train_config` the recipe of
-    the original and retrained models (default the reference's, `TrainConfig()`). Metrics:
-    `evaluation.score`'s, plus `avg_gap` (to Retrain over UA, RA, TA, MIA-efficacy), `seconds`
-    and `rte`.
+    the original and retrained models (default the reference's, `TrainConfig()`); `store` a
+    `camu_jax.study.Store` to checkpoint, resume and reuse models in (default: none, nothing
+    is written). Metrics: `evaluation.score`'s, plus `avg_gap` (to Retrain over UA, RA, TA,
+    MIA-efficacy), `seconds` and `rte`; a run whose method diverged has `diverged` instead
+    (`on_divergence="record"`; "raise" stops).
     """
     _check_runs(train=train, test=test, splits=splits, seeds=seeds, forget_classes=forget_classes)
     train_config = TrainConfig() if train_config is None else train_config
@@ -68,89 +78,32 @@ def compare(
     if forget_classes is None:
         forget_classes = [_whole_classes(sp, labels) for sp in splits]
     configs = [registry.get(m) if isinstance(m, str) else m for m in methods]
-    names = [m.name for m in configs]
-    if twice := sorted({n for n in names if names.count(n) > 1}):
-        raise ValueError(f"methods {names} name {', '.join(twice)} more than once")
-    unique_seeds = sorted(set(seeds))
-    kw = dict(population_size=population_size, progress=progress)
-    start = [init_variables(model, jax.random.key(s), train.input_shape) for s in unique_seeds]
-    originals = dict(
-        zip(
-            unique_seeds,
-            train_population(
-                model,
-                start,
-                data=train,
-                items=[np.arange(train.size)] * len(start),
-                seeds=unique_seeds,
-                config=train_config,
-                desc="original",
-                **kw,
-            ),
-            strict=True,
-        )
-    )
-    models = {"original": [originals[s] for s in seeds]}
-    models["retrain"] = train_population(
+    runs = [
+        Run(seed, sp, None if classes is None else tuple(classes), f"run{i}-seed{seed}")
+        for i, (seed, sp, classes) in enumerate(zip(seeds, splits, forget_classes, strict=True))
+    ]
+    out = run_study(
         model,
-        [init_variables(model, jax.random.key(s), train.input_shape) for s in seeds],
-        data=train,
-        items=[sp.remain for sp in splits],
-        seeds=seeds,
-        config=train_config,
-        desc="retrain",
-        **kw,
+        train=train,
+        test=test,
+        runs=runs,
+        methods=configs,
+        train_config=train_config,
+        num_classes=num_classes,
+        relearning=_relearn_config(train_config) if relearning else None,
+        population_size=population_size,
+        eval_workers=eval_workers,
+        on_divergence=on_divergence,
+        store=store,
+        progress=progress,
+        log=None,
     )
-    for m in configs:
-        models[m.name] = run_population(
-            m,
-            model,
-            [v for v, _ in models["original"]],
-            data=train,
-            splits=splits,
-            seeds=seeds,
-            num_classes=num_classes,
-            **kw,
-        )
-    out = [{"seed": s, "methods": {}} for s in seeds]
-    for name, results in models.items():
-        scores = evaluate(
-            model,
-            [v for v, _ in results],
-            train=train,
-            test=test,
-            splits=splits,
-            forget_classes=forget_classes,
-            seeds=seeds,
-            population_size=population_size,
-        )
-        for run, s, (_, info) in zip(out, scores, results, strict=True):
-            run["methods"][name] = {**s, "seconds": info["seconds"]}
-    for run in out:
-        metrics.add_gaps(run["methods"], GAP_KEYS)
-    if relearning:
-        names = [m.name for m in configs] + ["retrain"]
-        which = [(n, i) for n in names for i in range(len(splits))]
-        curves = relearn(
-            model,
-            [models[n][i][0] for n, i in which],
-            data=train,
-            splits=[splits[i] for _, i in which],
-            seeds=[seeds[i] for _, i in which],
-            config=RelearnConfig(
-                train=TrainConfig(
-                    epochs=1,
-                    batch_size=train_config.batch_size,
-                    learning_rate=train_config.learning_rate,
-                    weight_decay=train_config.weight_decay,
-                )
-            ),
-            population_size=population_size,
-            progress=progress,
-        )
-        for (n, i), curve in zip(which, curves, strict=True):
-            out[i].setdefault("relearn", {})[n] = curve
-    return out
+    return out if record else out["runs"]
+
+
+def _relearn_config(train_config: TrainConfig) -> RelearnConfig:
+    """The relearning check of the paper: one epoch of the original's recipe."""
+    return RelearnConfig(train=dataclasses.replace(train_config, epochs=1))
 
 
 def _check_runs(*, train, test, splits, seeds, forget_classes) -> None:
@@ -173,36 +126,3 @@ def _whole_classes(splits: Splits, labels: np.ndarray) -> tuple[int, ...] | None
     classes = np.unique(labels[splits.forget])
     whole = np.flatnonzero(np.isin(labels, classes))
     return tuple(int(c) for c in classes) if np.array_equal(whole, splits.forget) else None
-
-
-TABLE_COLUMNS = (
-    ("UA", "UA"),
-    ("RA", "RA"),
-    ("TA", "TA"),
-    ("mia_efficacy", "MIA-eff"),
-    ("mia", "MIA"),
-    ("avg_gap", "Avg.Gap"),
-    ("seconds", "time s"),
-    ("rte", "RTE"),
-)
-
-
-def table(runs: Sequence[dict]) -> str:
-    """Mean ± std over runs, one row per method (SalUn's columns and the reference's MIA)."""
-    if len(runs) == 0:
-        raise ValueError("table needs at least one run (what compare returns), got none")
-    names = list(runs[0]["methods"])
-    width = max(10, *(len(n) + 1 for n in names))
-    lines = [f"{'method':<{width}}" + "".join(f"{h:>16}" for _, h in TABLE_COLUMNS)]
-    for name in names:
-        cells = []
-        for key, _ in TABLE_COLUMNS:
-            values = [r["methods"][name].get(key) for r in runs]
-            values = [v for v in values if v is not None and not math.isnan(v)]
-            if values:
-                mean, std = metrics.mean_std(values)
-                cells.append(f"{mean:>9.2f} ±{std:>5.2f}")
-            else:
-                cells.append(f"{'-':>16}")
-        lines.append(f"{name:<{width}}" + "".join(cells))
-    return "\n".join(lines)

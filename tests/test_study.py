@@ -76,3 +76,99 @@ def test_waves_and_studies_reuse_every_program(tmp_path):
     cfg = dataclasses.replace(_config(tmp_path, "c", (6, 7), 2), seeds=(1,))
     third = run_experiment(cfg, log=lambda *_: None)
     assert all(p["programs_compiled"] == 0 for p in third["phases"]), third["phases"]
+
+
+TIMES = ("seconds", "construct_seconds", "compile_seconds", "rte")
+ONE_AT_A_TIME = ("--population-size", "1", "--eval-workers", "1", "--original-epochs", "1")
+
+
+def _figures(runs: list[dict]) -> list[dict]:
+    """Every metric of every run and method, times left out (they differ between runs)."""
+    return [
+        {
+            "methods": {
+                m: {k: v for k, v in r.items() if k not in TIMES} for m, r in run["methods"].items()
+            },
+            "relearn": run.get("relearn"),
+        }
+        for run in runs
+    ]
+
+
+def test_notebook_compare_and_the_cli_give_the_same_metrics(tmp_path):
+    import camu_jax
+    from camu_jax import methods
+    from camu_jax.data import load_dataset
+    from camu_jax.data.pipeline import DeviceData, input_spec_for
+    from camu_jax.models import create_model
+
+    cli = _study(
+        tmp_path / "cli",
+        *ONE_AT_A_TIME,
+        "--forget-class", "0", "--relearn", "--methods", "camu,ft",
+        "--set", "ft.learning_rate=0.05",
+    )  # fmt: skip
+    d = load_dataset("digits", progress=False)
+    spec = input_spec_for("digits", "cnn")
+    train = DeviceData.put(d.train_images, d.train_labels, spec=spec)
+    test = DeviceData.put(d.test_images, d.test_labels, spec=spec)
+    splits = camu_jax.make_splits(
+        d.train_labels, camu_jax.ForgetSpec(kind="class", classes=(0,)), seed=0, num_classes=10
+    )
+    # The main job's CaMU: the preset of (dataset, scenario) with the study's batch.
+    camu = dataclasses.replace(camu_jax.camu_preset("digits", "class"), batch_size=32)
+    assert dataclasses.asdict(camu) == cli["method_configs"]["camu"]
+    notebook = camu_jax.compare(
+        create_model("cnn", num_classes=10),
+        train=train,
+        test=test,
+        splits=[splits],
+        seeds=[0],
+        methods=[
+            camu,
+            methods.get("ft", learning_rate=0.05),
+        ],
+        train_config=camu_jax.TrainConfig(epochs=1),
+        population_size=1,
+        eval_workers=1,
+        relearning=True,
+    )
+    assert cli["runs"][0]["methods"]["ft"]["UA"] is not None
+    assert _figures(notebook) == _figures(cli["runs"])
+
+
+def _step_folders(root: Path) -> list[int]:
+    """Completed checkpoint steps (Orbax renames `<step>.orbax-checkpoint-tmp-*` to `<step>`)."""
+    return [int(p.name) for p in root.glob("*/*") if p.name.isdigit()] if root.exists() else []
+
+
+def test_a_study_killed_during_a_method_phase_resumes_with_identical_results(tmp_path):
+    import os
+    import signal
+    import time
+
+    epochs = 40
+    args = (
+        *ONE_AT_A_TIME, "--forget-class", "0", "--methods", "ft", "--set", f"ft.epochs={epochs}",
+        "--checkpoint-every", "0",
+    )  # fmt: skip
+    reference = _study(tmp_path / "reference", *args)
+    workdir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.unlearn", "--workdir", str(workdir), *COMMON, *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    progress = workdir / "checkpoints" / "unlearning" / "ft"
+    deadline = time.monotonic() + 900
+    while not _step_folders(progress):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGSTOP)  # at once: a kill -9 in the middle of the method phase
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    done = max(_step_folders(progress))
+    assert 1 <= done < epochs and not (workdir / "results.json").exists()
+    resumed = _study(workdir, *args)
+    phase = next(p for p in resumed["phases"] if p["phase"] == "ft")
+    assert phase["resumed_members"] == 1
+    assert _figures(resumed["runs"]) == _figures(reference["runs"])
