@@ -4,24 +4,42 @@ Every field of `ExperimentConfig` is a flag `--field-name`; the fields of a nest
 `CamuConfig` and its `CamuCoefficients`) are flattened into `--camu-<field-name>`. A field added to
 a config is therefore a flag with no further work; its help is the comment next to the field.
 Only fields whose command-line form differs from their value have an entry in `SPECIAL`
-(`--forget-class all`, `--forget-indices FILE`); `ALIASES` keeps older spellings working.
+(`--forget-class all`, `--forget-indices FILE`, `--set METHOD.FIELD=VALUE`); `ALIASES` keeps older
+spellings working.
 
 Defaults are never filled in by the parser: it returns only the flags given, so an explicit flag
-always wins over a preset, and a flag left out never overrides one.
+always wins over a preset, and a flag left out never overrides one. `--config STUDY.toml` (the
+`to_toml` form, `experiments.configs.read_study`) stands below the flags: a flag given wins
+over the file, the file over the defaults and presets.
+
+Method settings: `--set ft.learning_rate=0.05` (repeatable) sets one field of a method's config
+(`camu_jax.methods.get(name)`; CaMU's coefficients flat, `--set camu.rep_sample=0.4`), typed from
+the dataclass field. `--set camu.X` and `--camu-X` name the same setting: giving both is an
+error. The resolved config holds every setting of every method of the study (`method_settings`),
+as it holds CaMU's preset (`camu`), so results.json and config.toml record the values used.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from pathlib import Path
 
 import numpy as np
 from simple_parsing.docstring import get_attribute_docstring
 
-from experiments.configs import NUM_CLASSES, ExperimentConfig, default_model
+from experiments.configs import (
+    NUM_CLASSES,
+    ExperimentConfig,
+    apply_settings,
+    default_model,
+    flat_values,
+    leaf_type,
+    nested_settings,
+    read_study,
+    setting_from_text,
+)
 
 _PREFIX = "config."  # namespace key prefix of config fields (other flags live beside them)
 
@@ -80,18 +98,25 @@ def _csv(kind: type):
     return parse
 
 
-# Fields whose flag is not `--field-name` or whose text is not a plain value: (flag, parser, help).
+# Fields whose flag is not `--field-name` or whose text is not a plain value:
+# (flag, argparse keywords, help).
 SPECIAL = {
     "forget_classes": (
         "--forget-class",
-        _class_groups,
+        {"type": _class_groups},
         "class removal: a class (0), several forgotten together (0,1), or 'all' (one run per "
         "class)",
     ),
     "forget_indices": (
         "--forget-indices",
-        Path,
+        {"type": Path},
         "scenario indices: a .npy array or a text file of training indices (integers, 1-D)",
+    ),
+    "method_settings": (
+        "--set",
+        {"action": "append", "metavar": "METHOD.FIELD=VALUE"},
+        "a setting of an unlearning method, e.g. ft.learning_rate=0.05 or scrub.epochs=5 "
+        "(repeatable; CaMU's coefficients are flat: camu.rep_sample=0.4)",
     ),
 }
 ALIASES = {"camu.kl_lr": ("--kl-lr",), "camu.impair_lr": ("--impair-lr",)}
@@ -100,6 +125,7 @@ DEFAULT_NOTES = {
     "model": "cnn for MNIST-like data, resnet18 for CIFAR",
     "workdir": "runs/<dataset>-<model>-<scenario>",
     "camu.batch_size": "--batch-size",
+    "method_settings": "each method's defaults, docs/methods.md",
 }
 PRESET_CONFIGS = ("camu",)  # nested configs whose defaults come from a preset
 
@@ -114,15 +140,6 @@ def _show(value) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
     return "none" if value is None else str(value)
-
-
-def _leaf_type(hint):
-    """`X | None` -> X; anything else unchanged."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return hint
 
 
 def _parser_for(path: str, hint) -> dict:
@@ -150,7 +167,7 @@ def add_config_arguments(
         if not field.init:
             continue
         name = f"{path}{field.name}"
-        hint = _leaf_type(hints[field.name])
+        hint = leaf_type(hints[field.name])
         if dataclasses.is_dataclass(hint):
             # Top-level nested configs get their name as prefix; deeper levels are flattened.
             add_config_arguments(
@@ -159,8 +176,8 @@ def add_config_arguments(
             continue
         doc = get_attribute_docstring(cls, field.name).help_string
         if name in SPECIAL:
-            flag, parse, doc = SPECIAL[name]
-            kwargs = {"type": parse}
+            flag, kwargs, doc = SPECIAL[name]
+            kwargs = dict(kwargs)
         else:
             flag = f"--{prefix}{field.name.replace('_', '-')}"
             kwargs = _parser_for(name, hint)
@@ -204,15 +221,81 @@ def _override(obj, changes: dict):
         if isinstance(value, dict):
             current = getattr(obj, name)
             if current is None:
-                current = _leaf_type(typing.get_type_hints(type(obj))[name])()
+                current = leaf_type(typing.get_type_hints(type(obj))[name])()
             value = _override(current, value)
         kw[name] = value
     return dataclasses.replace(obj, **kw)
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """`base` with `over` laid on top, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merge(out[key], value)
+        out[key] = value
+    return out
+
+
+def parse_settings(texts: list[str]) -> dict[str, dict]:
+    """`--set` texts -> `{method: {field: typed value}}` (later ones win); raises ValueError
+    naming the text, with the valid methods, fields or the expected type."""
+    from camu_jax import methods
+
+    out: dict[str, dict] = {}
+    for text in texts:
+        name_field, eq, value = text.partition("=")
+        name, dot, field = name_field.strip().partition(".")
+        if not (eq and dot and name and field):
+            raise ValueError(
+                f"--set {text}: expected METHOD.FIELD=VALUE (e.g. ft.learning_rate=0.05); "
+                f"methods: {', '.join(methods.names())}"
+            )
+        try:
+            out.setdefault(name, {})[field.strip()] = setting_from_text(name, field.strip(), value)
+        except ValueError as e:
+            raise ValueError(f"--set {text}: {e}") from None
+    return out
+
+
+def _camu_overrides(settings: dict) -> dict:
+    """CaMU's flat settings as nested changes of a CamuConfig, the form the `--camu-*` flags
+    take."""
+    return nested_settings("camu", settings)
+
+
+def _flat(nested: dict) -> dict:
+    """`{leaf name: value}` of nested changes (CaMU's setting names are unique leaves)."""
+    out = {}
+    for key, value in nested.items():
+        out.update(_flat(value) if isinstance(value, dict) else {key: value})
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The validated config of the given flags; raises ValueError naming any bad value."""
+    """The validated config of the given flags (over the `--config` study file, if any);
+    raises ValueError naming any bad value."""
+    from camu_jax import methods
+
     given = _given(args)
+    settings = parse_settings(given.pop("method_settings", []))
+    # `--set camu.X` is `--camu-X`: both given is a contradiction, not a precedence question.
+    camu = _camu_overrides(settings.pop("camu", {}))
+    for field in sorted(_flat(camu).keys() & _flat(given.get("camu", {})).keys()):
+        raise ValueError(
+            f"--set camu.{field} and --camu-{field.replace('_', '-')} both set CaMU's {field}; "
+            "give one"
+        )
+    if camu:
+        given = _merge(given, {"camu": camu})
+    from_command_line = set(settings)
+    study_file = getattr(args, "study_file", None)
+    if study_file is not None:
+        file_fields, file_settings = read_study(study_file)
+        if camu := _camu_overrides(file_settings.pop("camu", {})):
+            file_fields["camu"] = camu
+        given = _merge(file_fields, given)
+        settings = _merge(file_settings, settings)
     nested = {k: given.pop(k) for k in [k for k, v in given.items() if isinstance(v, dict)]}
     dataset = given.get("dataset", ExperimentConfig.dataset)
     given.setdefault("model", default_model(dataset))
@@ -222,11 +305,27 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         if dataset not in NUM_CLASSES:
             raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(NUM_CLASSES)}")
         given["forget_classes"] = tuple((c,) for c in range(NUM_CLASSES[dataset]))
-    if given.get("forget_indices") is not None:
+    if given.get("forget_indices") is not None and isinstance(given["forget_indices"], Path):
         given["forget_indices"] = load_indices(given["forget_indices"])
     config = ExperimentConfig(**given)
     config.validate()  # Dataset and scenario first: the CaMU preset depends on them.
     # The CaMU settings actually used are part of the value (and so of results.json).
     config = _override(dataclasses.replace(config, camu=config.camu_config()), nested)
+    # So is every setting of every other method of the study. A study file may hold tables
+    # of methods this study leaves out (a recorded study rerun with fewer --methods); a --set
+    # for one is a mistake.
+    names = config.method_names()
+    for name in sorted(from_command_line - set(names)):
+        field = next(iter(settings[name]))
+        raise ValueError(
+            f"--set {name}.{field}: {name} is not among the methods of this study "
+            f"({', '.join(names)}); add it to --methods"
+        )
+    resolved = []
+    for name in names:
+        if name != "camu":
+            method = apply_settings(methods.get(name), settings.get(name, {}))
+            resolved += [(name, k, v) for k, v in flat_values(method).items()]
+    config = dataclasses.replace(config, method_settings=tuple(resolved))
     config.validate()
     return config

@@ -4,8 +4,15 @@
     python -m experiments.unlearn --dataset mnist --manual-dir ../shared/data/mnist \
         --scenario class --forget-class 0 --seeds 0,1,2
 
+    python -m experiments.unlearn --methods camu,ft,scrub \
+        --set ft.learning_rate=0.05 --set scrub.epochs=5    # any method's setting
+    python -m experiments.unlearn --config runs/digits-cnn-class/config.toml   # rerun a study
+
 Every setting of experiments.configs.ExperimentConfig is a flag; CaMU's (camu_jax.CamuConfig)
-are --camu-*, defaulting to the reference preset of the dataset and scenario.
+are --camu-*, defaulting to the reference preset of the dataset and scenario. Every method's
+settings are --set METHOD.FIELD=VALUE (CaMU's coefficients flat: camu.rep_sample). A study
+file (--config, TOML: what the work dir's config.toml holds) gives any of them; flags given
+beside it win.
 """
 
 from __future__ import annotations
@@ -28,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(p, ExperimentConfig)
+    p.add_argument(
+        "--config",
+        dest="study_file",
+        type=Path,
+        metavar="STUDY.toml",
+        help="a study file (TOML; a work dir's config.toml reruns its study): top-level keys "
+        "as the flags' names with underscores, [method_settings.NAME] tables as --set; the "
+        "flags given beside it win",
+    )
     p.add_argument(
         "--xla-cache",
         default=os.path.expanduser("~/.cache/camu_jax/xla"),

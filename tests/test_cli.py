@@ -7,8 +7,7 @@ import typing
 import numpy as np
 import pytest
 
-from camu_jax.steps import CamuCoefficients
-from camu_jax.unlearning import CamuConfig, camu_preset
+from camu_jax.methods.camu import CamuCoefficients, CamuConfig, camu_preset
 from experiments.cli import add_config_arguments, config_from_args, load_indices
 from experiments.configs import ExperimentConfig
 from experiments.unlearn import build_parser
@@ -41,6 +40,9 @@ def test_every_config_field_is_a_flag():
     paths = list(leaf_paths(ExperimentConfig))
     assert "camu.coefficients.out_forget" in paths and "camu.batch_size" in paths
     assert {f"config.{p}" for p in paths} <= dests
+    # Every method's settings: one repeatable flag, and a study file beside the flags.
+    flags = {o: a.dest for a in build_parser()._actions for o in a.option_strings}
+    assert flags["--set"] == "config.method_settings" and flags["--config"] == "study_file"
 
 
 CAMU_FLAGS = {
@@ -64,6 +66,8 @@ def test_every_camu_setting_reaches_the_config():
         new = old * 2 + 1 if isinstance(old, int) else old * 3 + 0.125  # != old, valid
         camu = parse(flag, str(new)).camu
         assert get(camu, path) == new, flag
+        # `--set camu.<field>` is the same setting, CaMU's coefficients flat.
+        assert parse("--set", f"camu.{path.split('.')[-1]}={new}").camu == camu, path
         for other in CAMU_FLAGS:  # and nothing else moved away from the preset
             assert other == path or get(camu, other) == get(preset, other), (flag, other)
 

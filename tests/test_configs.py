@@ -4,8 +4,7 @@ import dataclasses
 
 import pytest
 
-from camu_jax.steps import CamuCoefficients
-from camu_jax.unlearning import CamuConfig
+from camu_jax.methods.camu import CamuCoefficients, CamuConfig
 from experiments.configs import ExperimentConfig
 
 
@@ -50,6 +49,16 @@ def test_good_camu_configs_pass():
         ({"scenario": "indices", "forget_indices": (1, 2.5)}, "got 2.5"),
         ({"camu": CamuConfig(epochs=-1)}, "CaMU epochs"),
         ({"camu": CamuConfig(batch_size=0)}, "CaMU batch_size"),
+        # Method settings (`--set`): the method and the field are named.
+        ({"methods": ("ft",), "method_settings": (("ft", "learning_rate", -1.0),)}, "ft lear"),
+        ({"methods": ("ft",), "method_settings": (("ft", "epochs", float("nan")),)}, "epochs"),
+        ({"method_settings": (("camu", "kl_lr", float("nan")),)}, "CaMU kl_lr"),
+        ({"method_settings": (("camu", "rep_forget", -0.5),)}, "rep_forget"),
+        ({"method_settings": (("ft", "lr", 0.1),)}, "ft has no setting 'lr'; its settings: "),
+        ({"method_settings": (("fft", "epochs", 1),)}, "unknown method 'fft'; methods: camu, ft"),
+        ({"method_settings": (("ft", "epochs", "3"),)}, "ft.epochs takes an integer, got '3'"),
+        ({"method_settings": (("ft", "epochs", True),)}, "ft.epochs takes an integer"),
+        ({"method_settings": (("ft", "epochs"),)}, "(method, field, value) triples"),
     ],
 )
 def test_bad_experiment_config_names_the_value(change, needle):
