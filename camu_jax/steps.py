@@ -35,6 +35,70 @@ def adam_l2(learning_rate: float, weight_decay: float = 1e-4) -> optax.GradientT
     )
 
 
+def cast_like(value, leaf) -> jax.Array:
+    """`value` (a Python number or a scalar array: a member's data setting, perhaps traced) as
+    a scalar of `leaf`'s dtype: what a Python float constant becomes in arithmetic with `leaf`
+    (JAX's weak typing), so a setting passed as data computes what the constant computed."""
+    return jnp.asarray(value, jnp.result_type(leaf))
+
+
+def _add_decayed_weights(weight_decay) -> optax.GradientTransformation:
+    """`optax.add_decayed_weights` (`g + wd * p`, skipped for a Python zero) with `wd` cast to
+    each leaf's dtype; its state, `optax.EmptyState`, does not depend on `wd`."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("weight decay needs the params: call update(updates, state, params)")
+        if isinstance(weight_decay, int | float) and weight_decay == 0.0:
+            return updates, state
+        return jax.tree.map(lambda g, p: g + cast_like(weight_decay, g) * p, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _scale(step_size) -> optax.GradientTransformation:
+    """`optax.scale` with the factor cast to each leaf's dtype (state `optax.EmptyState`)."""
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda g: cast_like(step_size, g) * g, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def adam_l2_traced(learning_rate, weight_decay) -> optax.GradientTransformation:
+    """`adam_l2` for hyperparameters that may be traced arrays (a member's data settings,
+    `camu_jax.methods.base.settings`): the same updates as `adam_l2` with those values as
+    Python floats (each cast to the dtype of the leaf it scales, as a float constant is), and
+    the same optimizer state, whose structure does not depend on the values: a state from
+    `adam_l2(...).init` or from this one's `init` with any values serves every value."""
+    return optax.chain(
+        _add_decayed_weights(weight_decay),
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+        _scale(-learning_rate),
+    )
+
+
+def sgd_traced(learning_rate, momentum, weight_decay=0.0) -> optax.GradientTransformation:
+    """PyTorch `SGD(lr, momentum, weight_decay)` (coupled L2, then heavy-ball momentum) for
+    hyperparameters that may be traced arrays: the momentum trace is always kept (its state,
+    like the params, does not depend on the values), so a momentum of 0 computes
+    `g + 0 * trace = g`, what SGD without momentum computes. Each value is cast to the dtype of
+    the leaf it scales, as a Python float constant is."""
+
+    def trace_update(updates, state, params=None):
+        trace = jax.tree.map(lambda g, t: g + cast_like(momentum, t) * t, updates, state.trace)
+        return trace, optax.TraceState(trace=trace)
+
+    return optax.chain(
+        _add_decayed_weights(weight_decay),
+        optax.GradientTransformation(
+            lambda params: optax.TraceState(trace=jax.tree.map(jnp.zeros_like, params)),
+            trace_update,
+        ),
+        _scale(-learning_rate),
+    )
+
+
 class TrainState(struct.PyTreeNode):
     """State of ordinary supervised training (the original and the retrained model)."""
 

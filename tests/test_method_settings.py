@@ -377,3 +377,8 @@ def test_the_readme_study_file_is_a_study(tmp_path):
     assert config.dataset == "mnist" and config.methods == ("camu", "ft")
     assert config.method_configs()["ft"].learning_rate == 0.05
     assert config.camu.coefficients.rep_sample == 0.4
+
+
+def test_a_tuple_setting_is_checked_entry_by_entry():
+    with pytest.raises(ValueError, match="lr_decay_epochs must be a positive integer, got -1"):
+        methods.get("scrub", lr_decay_epochs=(3, -1)).validate()

@@ -90,6 +90,16 @@ class Method:
     title: ClassVar[str]  # display title in tables and plots (`camu_jax.results.method_title`)
     batch_size: int
     fixed_augment: ClassVar[tuple[str, ...]] = ()  # streams augmented once per item
+    # Settings as data: every float setting (learning rates, weight decay, momentum, loss
+    # coefficients, temperatures, noise scales...) enters the method's programs as per-member
+    # data (`settings(batch)` in a step, `host["settings"]` in `prepare`), not a constant, so
+    # one program serves every value and the members of one population may differ in them.
+    # Settings that fix shapes or the program's structure (int fields: batch sizes, epochs,
+    # step counts; and the float fields named here) stay constants of the program.
+    static_settings: ClassVar[tuple[str, ...]] = ()
+    # False for a method whose programs still read its float settings as constants (then
+    # every value compiles its own programs, and its population members share one value).
+    settings_as_data: ClassVar[bool] = False
 
     def validate(self) -> None:
         """Raises ValueError naming the first bad setting."""
@@ -97,19 +107,36 @@ class Method:
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
+            if isinstance(value, tuple):  # e.g. SCRUB's lr_decay_epochs: each entry
+                entries, integer = value, "int" in str(f.type)
+            elif isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            integer = f.type in ("int", int)
-            # Zero is a valid weight or rate for some settings: those say so in `_nonneg`.
-            check_number(
-                f"{self.name} {f.name}",
-                value,
-                integer=integer,
-                positive=f.name not in self._nonneg(),
-            )
+            else:
+                entries, integer = (value,), f.type in ("int", int)
+            for v in entries:
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    continue
+                # Zero is a valid weight or rate for some settings: those say so in `_nonneg`.
+                check_number(
+                    f"{self.name} {f.name}",
+                    v,
+                    integer=integer,
+                    positive=f.name not in self._nonneg(),
+                )
 
     def _nonneg(self) -> tuple[str, ...]:
         return ("weight_decay", "momentum")
+
+    def data_settings(self) -> dict:
+        """`{field: value}` of the settings that are data (nested configs as nested dicts),
+        as arrays of JAX's default float type: a pytree, one leaf per setting."""
+        return _data_settings(self, self.static_settings) if self.settings_as_data else {}
+
+    def skeleton(self) -> Method:
+        """This config with every data setting replaced by None: what its programs are built
+        from, so configs that differ only in data settings share them (a setting read as a
+        constant by mistake fails loudly when the program is traced)."""
+        return _skeleton(self, self.static_settings) if self.settings_as_data else self
 
     def member_arrays(self, ctx: MemberContext) -> dict[str, np.ndarray]:
         return {}
@@ -128,6 +155,40 @@ class Method:
         from camu_jax.models import state_variables
 
         return state_variables(state)
+
+
+def _float_fields(config, static: tuple[str, ...]):
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield f.name, value
+        elif f.type in ("float", float) and f.name not in static:
+            yield f.name, None
+
+
+def _data_settings(config, static: tuple[str, ...]) -> dict:
+    dtype = jax.dtypes.canonicalize_dtype(np.float64)
+    out = {}
+    for name, nested in _float_fields(config, static):
+        if nested is not None:
+            out[name] = _data_settings(nested, getattr(nested, "static_settings", ()))
+        else:
+            out[name] = np.asarray(getattr(config, name), dtype)
+    return out
+
+
+def _skeleton(config, static: tuple[str, ...]):
+    changes = {}
+    for name, nested in _float_fields(config, static):
+        changes[name] = (
+            None if nested is None else _skeleton(nested, getattr(nested, "static_settings", ()))
+        )
+    return dataclasses.replace(config, **changes)
+
+
+def settings(batch: dict) -> dict:
+    """A member's data settings inside a step (what `stream_batch` puts in every batch)."""
+    return batch["settings"]
 
 
 # ------------------------------------------------------------------------------ batches
@@ -180,6 +241,7 @@ def stream_batch(method: Method, spec: InputSpec, mesh: Mesh):
         for k, v in row.items():
             if k[:2] not in ("f_", "r_", "s_"):
                 batch[k] = v
+        batch["settings"] = member["settings"]
         return batch
 
     return make_batch
@@ -245,7 +307,7 @@ def _widths(splits: Sequence[Splits]) -> dict[str, int]:
 
 
 def run_population(
-    method: Method,
+    method: Method | Sequence[Method],
     model: nn.Module,
     originals: Sequence[dict],
     *,
@@ -262,11 +324,14 @@ def run_population(
     use_scan: bool | None = None,
     progress: bool = True,
     on_divergence: str = "raise",
-) -> list[tuple[dict | None, dict]]:
+    compile_only: bool = False,
+) -> list[tuple[dict | None, dict]] | dict:
     """Runs `method` from every frozen original `originals[i]` on `splits[i]`, `seeds[i]`, at
     most `population_size` members at a time (default: the layout `engine.place` chooses for
     the phase), on the one wave runner (`camu_jax.runner`); returns per member
-    `(variables, info)`.
+    `(variables, info)`. `method` is one config for every member, or one per member (a sweep:
+    configs that differ only in data settings, `Method.static_settings`, run as one
+    population on one set of programs).
 
     info: `seconds` (the member's share of its wave's wall time: preparation + unlearning,
     compile included, the reference's "time"), `construct_seconds` (preparation),
@@ -280,10 +345,27 @@ def run_population(
     FloatingPointError naming it, its phase and step; `"record"` gives it `variables=None` and
     the message as `info["diverged"]`, and the other members go on unchanged (members never
     mix: their results are those of a population without the diverged one).
+
+    `compile_only`: compile the phase's programs and return what was compiled, without
+    running (`runner.compile_ahead`; `originals` may then be stand-ins of the right shapes).
     """
     if on_divergence not in ("raise", "record"):
         raise ValueError(f"on_divergence must be 'raise' or 'record', got {on_divergence!r}")
-    method.validate()
+    configs = [method] * len(originals) if isinstance(method, Method) else list(method)
+    if not isinstance(method, Method) and len(configs) != len(originals):
+        raise ValueError(f"{len(configs)} method configs for {len(originals)} members")
+    first = method if isinstance(method, Method) else configs[0] if configs else None
+    if first is None:
+        raise ValueError("run_population needs at least one member (originals is empty)")
+    for c in {id(c): c for c in [first, *configs]}.values():
+        c.validate()
+    method = first.skeleton()  # what the programs, plans and epochs are built from
+    if other := next((c for c in configs if c.skeleton() != method), None):
+        raise ValueError(
+            f"a population runs one program: {other} differs from {first} in a setting "
+            f"that is not data ({type(method).__name__}.static_settings, int fields, or "
+            f"settings_as_data={method.settings_as_data})"
+        )
     checks.check_splits(splits, data)
     checks.check_labels(data, num_classes)
     checks.check_model_classes(model, ("data", data), num_classes=num_classes)
@@ -297,15 +379,20 @@ def run_population(
         for s, sp in zip(seeds, splits, strict=True)
     ]
     stages = method.stages()
+    # Plans run on the host, one member at a time: each member's come from its own config (a
+    # plan may read a data setting, e.g. a per-epoch schedule), programs and epochs from the
+    # skeleton's.
+    own = {id(c): c.stages() for c in configs}
+    plans = [[s.plan for s in own[id(c)]] for c in configs]
     spec = data.spec
 
     def stage(k: int, st: Stage) -> runner.Stage:
-        longest = max(len(next(iter(st.plan(c, 0).values()))) for c in ctxs)
+        longest = max(len(next(iter(plans[i][k](c, 0).values()))) for i, c in enumerate(ctxs))
         return runner.Stage(
             name=st.name,
             key=("method", method, k, model, spec),
             program=lambda mesh: st.program(model, spec, mesh),
-            plan=lambda i, epoch: st.plan(ctxs[i], epoch),
+            plan=lambda i, epoch: plans[i][k](ctxs[i], epoch),
             epochs=st.epochs,
             chunk=max(1, min(chunk_steps, longest)),
         )
@@ -314,7 +401,12 @@ def run_population(
         name=method.name,
         stages=tuple(stage(k, st) for k, st in enumerate(stages)),
         member_data=lambda indices, placed: _member_data(
-            method, model, [originals[i] for i in indices], placed, [ctxs[i] for i in indices]
+            method,
+            model,
+            [originals[i] for i in indices],
+            placed,
+            [ctxs[i] for i in indices],
+            [configs[i] for i in indices],
         ),
         variables=method.variables,
         checkpoint_every=checkpoint_every,
@@ -322,20 +414,24 @@ def run_population(
         use_scan=use_scan,
         progress=progress,
     )
+    if compile_only:
+        return runner.compile_ahead(phase, members, data, population_size=population_size)
     return runner.run(phase, members, data, population_size=population_size)
 
 
-def _member_data(method, model, originals, data, ctxs):
-    """A wave's member data on device: rows, keys, `member_arrays`, then `prepare`'s."""
+def _member_data(method, model, originals, data, ctxs, configs):
+    """A wave's member data on device: rows, keys, data settings, `member_arrays` (of each
+    member's config), then `prepare`'s."""
     host = []
-    for c in ctxs:
+    for c, config in zip(ctxs, configs, strict=True):
         arrays = {
             "forget_rows": c.pad(c.forget, "forget"),
             "remain_rows": c.pad(c.remain, "remain"),
             "sample_rows": c.pad(c.sample, "sample"),
+            "settings": config.data_settings(),
             **member_keys(c.seed),
         }
-        for k, v in method.member_arrays(c).items():
+        for k, v in config.member_arrays(c).items():
             arrays[k] = c.pad(v, STREAMS[k[0]]) if k[:2] in ("f_", "r_", "s_") else v
         host.append(arrays)
     host = engine.stack(host)

@@ -20,10 +20,11 @@ from flax import struct
 
 from camu_jax import engine, sharding
 from camu_jax.data.pipeline import item_keys, preprocess
-from camu_jax.methods.base import Method, Stage, epoch_plan, stream_batch
-from camu_jax.methods.finetune import LossMethod, ce, forward, sgd
+from camu_jax.methods.base import Method, Stage, epoch_plan, settings, stream_batch
+from camu_jax.methods.finetune import LossMethod, ce, forward, setting
 from camu_jax.models import apply_model, head_modules, state_variables
 from camu_jax.prediction import map_rows, zero_keys
+from camu_jax.steps import cast_like, sgd_traced
 
 # Images per FGSM call over all members: bounds the activation memory of the input gradient.
 IMAGES_PER_CALL = 8192
@@ -38,7 +39,7 @@ def fgsm_labels(model, variables, x, y, *, mean, std, bound):
     true labels `y`, clips to [0, 1] and rounds to the 8-bit grid (the official `clamper` with
     `discrete=True`). Eval mode throughout, as the official `test_model.eval()`. Where the
     attack fails the true label comes back, and the item is trained on its own label, as in
-    the official code.
+    the official code. `bound`: a number or a (traced) scalar.
     """
     params, batch_stats = variables["params"], variables["batch_stats"]
 
@@ -51,40 +52,46 @@ def fgsm_labels(model, variables, x, y, *, mean, std, bound):
 
     grad = jax.grad(loss)(x)
     pixels = x * std + mean
-    adv = jnp.clip(pixels + bound * jnp.sign(grad), 0.0, 1.0)
+    step = jnp.sign(grad)
+    adv = jnp.clip(pixels + cast_like(bound, step) * step, 0.0, 1.0)
     adv = jnp.round(adv * 255.0) / 255.0
     logits, _, _ = apply_model(model, params, batch_stats, (adv - mean) / std, train=False)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=16)
-def _fgsm_program(model, spec, mesh, bound: float, augment: bool):
+def _fgsm_program(model, spec, mesh, augment: bool):
     dtype = jnp.result_type(float)
     mean = jnp.asarray(spec.mean, dtype)
     std = jnp.asarray(spec.std, dtype)
 
-    def one(variables, images, labels, rows, ids, aug_key):
+    def one(variables, images, labels, rows, ids, aug_key, bound):
         keys = item_keys(jax.random.wrap_key_data(aug_key), ids) if augment else None
         x = preprocess(images[rows], spec, augment_keys=keys)
         return fgsm_labels(model, variables, x, labels[rows], mean=mean, std=std, bound=bound)
 
-    vmapped = sharding.vmap_members(one, mesh, (0, None, None, 0, 0, 0))
+    vmapped = sharding.vmap_members(one, mesh, (0, None, None, 0, 0, 0, 0))
     return jax.jit(vmapped)
 
 
 def adversarial_labels(model, originals, data, rows, *, bound, aug_keys=None):
     """`[P, n]` device array: `fgsm_labels` of every member's frozen original on its `rows`
     (`[P, n]` host rows of `data`); `aug_keys` (`[P]` key data): item i gets the fixed
-    augmentation `fold_in(aug_key, i)`, as a `fixed_augment` stream sees it."""
+    augmentation `fold_in(aug_key, i)`, as a `fixed_augment` stream sees it. `bound`: a number,
+    or one per member (`[P]`: data, one compiled program serves every value)."""
     mesh = data.mesh
     rows = np.asarray(rows, np.int32)
     members, n = rows.shape
     augment = aug_keys is not None
     keys = aug_keys if augment else zero_keys(members)
     keys = sharding.shard_members(np.asarray(keys), mesh)
-    run = _fgsm_program(model, data.spec, mesh, float(bound), augment)
+    bounds = np.broadcast_to(
+        np.asarray(bound, jax.dtypes.canonicalize_dtype(np.float64)), (members,)
+    )
+    bounds = sharding.shard_members(bounds, mesh)
+    run = _fgsm_program(model, data.spec, mesh, augment)
     outs = map_rows(
-        lambda r, ids: run(originals, data.images, data.labels, r, ids, keys),
+        lambda r, ids: run(originals, data.images, data.labels, r, ids, keys, bounds),
         rows,
         mesh,
         batch=256,
@@ -113,6 +120,7 @@ class BoundaryShrink(LossMethod):
     title = "Boundary shrink"
     driver = "f"
     fixed_augment = ("forget",)
+    settings_as_data = True  # learning_rate, momentum, weight_decay, bound
 
     epochs: int = 10  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.001  # MNIST CNN, tuned (docs/methods.md)
@@ -123,8 +131,9 @@ class BoundaryShrink(LossMethod):
 
     def prepare(self, model, originals, data, host):
         aug = host["aug_key"] if data.spec.augment else None
+        bound = setting(self, host, "bound")  # each member's (`[P]`)
         labels = adversarial_labels(
-            model, originals, data, host["forget_rows"], bound=self.bound, aug_keys=aug
+            model, originals, data, host["forget_rows"], bound=bound, aug_keys=aug
         )
         return {"f_adv_y": labels}
 
@@ -191,6 +200,9 @@ class BoundaryExpand(Method):
 
     name = "boundary_expand"
     title = "Boundary expand"
+    # learning_rate and momentum are per-member data: the SGD is built inside the step from
+    # the member's settings (`steps.sgd_traced`, whose state does not depend on them).
+    settings_as_data = True
 
     epochs: int = 1  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.0001  # MNIST CNN, tuned (docs/methods.md)
@@ -232,8 +244,14 @@ class BoundaryExpand(Method):
         return (Stage("expand", functools.partial(_expand_program, self), self.plan, self.epochs),)
 
 
+def _expand_tx(s) -> optax.GradientTransformation:
+    """Boundary expand's SGD (no weight decay) from a member's data settings `s`."""
+    return sgd_traced(s["learning_rate"], s["momentum"], 0.0)
+
+
 def _expand_program(config: BoundaryExpand, model, spec, mesh) -> engine.Program:
-    tx = sgd(config.learning_rate, config.momentum, 0.0)
+    # The optimizer's state does not depend on the values: any serve `init`.
+    init_tx = _expand_tx({"learning_rate": 0.0, "momentum": 0.0})
     make = stream_batch(config, spec, mesh)
 
     def init(variables):
@@ -246,7 +264,7 @@ def _expand_program(config: BoundaryExpand, model, spec, mesh) -> engine.Program
             step=jnp.zeros((), jnp.int32),
             params=v["params"],
             batch_stats=v["batch_stats"],
-            opt_state=tx.init(trainable),
+            opt_state=init_tx.init(trainable),
             shadow=shadow,
         )
 
@@ -269,6 +287,7 @@ def _expand_program(config: BoundaryExpand, model, spec, mesh) -> engine.Program
 
         trainable = {"model": state.params, "shadow": state.shadow}
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        tx = _expand_tx(settings(batch))
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": loss, "finite": jnp.isfinite(loss)}

@@ -3,6 +3,9 @@
 * `CamuCoefficients`, `CamuState`, `init_camu_state` and `camu_step`: the reference's loss
   weights, state and two-optimizer double step (pure, un-jitted);
 * `CamuConfig` (with `camu_preset`, the reference's presets): the method on the loop engine;
+  its float settings (learning rates, weight decay, coefficients) are data: the step builds
+  its optimizers (`camu_optimizers`) and loss weights from the member's settings, so one
+  program serves every value and a population's members may differ in them;
 * `unlearn` / `unlearn_population`: the entry points (also `camu_jax.unlearn`...).
 
 Counterfactuals are built once: pairing and labels on the host (`make_counterfactuals`), the
@@ -30,10 +33,17 @@ from camu_jax.counterfactual import make_counterfactuals
 from camu_jax.data import catalog
 from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
-from camu_jax.methods.base import Method, Stage, run_population, stream_batch, zip_plan
+from camu_jax.methods.base import (
+    Method,
+    Stage,
+    run_population,
+    settings,
+    stream_batch,
+    zip_plan,
+)
 from camu_jax.models import apply_model, head_modules
 from camu_jax.prediction import predict
-from camu_jax.steps import adam_l2, check_number, with_finite
+from camu_jax.steps import adam_l2_traced, cast_like, check_number, with_finite
 
 PyTree = Any
 
@@ -43,7 +53,10 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class CamuCoefficients:
-    """Loss weights of the reference: L_rep = 0.5/0.5, L_out = 0.9 (D_s) / 0.01 (D_f, y_cf)."""
+    """Loss weights of the reference: L_rep = 0.5/0.5, L_out = 0.9 (D_s) / 0.01 (D_f, y_cf).
+
+    Python floats, or (inside CaMU's program) a member's weights as scalar arrays: `camu_step`
+    casts each to the dtype of the loss term it weights, as a float constant is."""
 
     rep_sample: float = 0.5  # step A (L_rep): weight of KL(z_0(x_s) || z(x_s)) on D_s
     rep_forget: float = 0.5  # step A (L_rep): weight of KL(z_0(x_cf) || z(x_f)) on D_f
@@ -118,8 +131,8 @@ def camu_step(
             teacher_counterfactual=batch["z0_cf"],
             sample_weights=batch["mask_s"],
             forget_weights=batch["mask_f"],
-            sample_coef=c.rep_sample,
-            forget_coef=c.rep_forget,
+            sample_coef=cast_like(c.rep_sample, jnp.result_type(z_s, batch["z0_s"])),
+            forget_coef=cast_like(c.rep_forget, jnp.result_type(z_f, batch["z0_cf"])),
         )
         return loss, bs
 
@@ -150,8 +163,8 @@ def camu_step(
             counterfactual_labels=batch["y_cf"],
             sample_weights=batch["mask_s"],
             forget_weights=batch["mask_f"],
-            sample_coef=c.out_sample,
-            forget_coef=c.out_forget,
+            sample_coef=cast_like(c.out_sample, logits_s),
+            forget_coef=cast_like(c.out_forget, logits_f),
         )
         return loss, bs
 
@@ -178,6 +191,9 @@ class CamuConfig(Method):
     name = "camu"
     title = "CaMU"
     fixed_augment = ("forget",)  # x_f and x_cf keep one augmentation per item, as prepared
+    # Learning rates, weight decay and the four coefficients are per-member data (one program
+    # for every value); no float setting fixes a shape.
+    settings_as_data = True
 
     epochs: int = 2  # passes over D_f
     kl_lr: float = 4e-4  # step A (L_rep), the reference's KL_LR
@@ -240,9 +256,17 @@ class CamuConfig(Method):
         )
 
 
+def camu_optimizers(kl_lr, impair_lr, weight_decay):
+    """`(kl_tx, ce_tx)`: the reference's two Adam optimizers (coupled L2, `adam_l2`) for steps A
+    and B; the values may be a member's data settings (traced arrays). Their states' structure
+    does not depend on the values."""
+    return adam_l2_traced(kl_lr, weight_decay), adam_l2_traced(impair_lr, weight_decay)
+
+
 def _program(config: CamuConfig, model, spec, mesh) -> engine.Program:
-    kl_tx = adam_l2(config.kl_lr, config.weight_decay)
-    ce_tx = adam_l2(config.impair_lr, config.weight_decay)
+    # Every float setting is data (`CamuConfig.settings_as_data`): the optimizers and the loss
+    # weights are built inside the step from the member's settings; `config` is the skeleton
+    # (its learning rates, weight decay and coefficients are None).
     make = stream_batch(config, spec, mesh)
 
     def make_batch(state, shared, member, row):
@@ -262,11 +286,19 @@ def _program(config: CamuConfig, model, spec, mesh) -> engine.Program:
             "z0_cf": f["z0_cf"],
             "mask_f": f["mask"],
             "mask_s": s["mask"],
+            "settings": settings(b),
         }
 
-    step = functools.partial(
-        camu_step, model=model, kl_tx=kl_tx, ce_tx=ce_tx, coefficients=config.coefficients
-    )
+    def step(state, batch):
+        s = settings(batch)
+        kl_tx, ce_tx = camu_optimizers(s["kl_lr"], s["impair_lr"], s["weight_decay"])
+        coefficients = CamuCoefficients(**s["coefficients"])
+        return camu_step(
+            state, batch, model=model, kl_tx=kl_tx, ce_tx=ce_tx, coefficients=coefficients
+        )
+
+    # The optimizer states' structure does not depend on the values: any serve `init`.
+    kl_tx, ce_tx = camu_optimizers(0.0, 0.0, 0.0)
     init = functools.partial(init_camu_state, kl_tx=kl_tx, ce_tx=ce_tx)
     return engine.Program(init=init, step=step, make_batch=make_batch)
 

@@ -2,7 +2,10 @@
 
 `LossMethod` is the shared machinery of every one-optimizer method (state, step, plan, hooks
 for the batch, an update mask and an update scale; `loss_program` builds its program); a
-method is a frozen config that names its `loss` and the streams it reads. The methods here:
+method is a frozen config that names its `loss` and the streams it reads. Their float settings
+are data (`Method.settings_as_data`): a step reads them with `setting(method, batch, name)`,
+and its optimizer is built inside the step from them (`LossMethod.tx(batch)`), so one program
+serves every value and the members of one population may differ in them. The methods here:
 
 * FT, fine-tuning on D_r (Warnecke et al., NDSS 2023; the "FT" baseline of Jia et al., NeurIPS
   2023 and Fan et al., ICLR 2024).
@@ -30,9 +33,9 @@ import optax
 from flax import struct
 
 from camu_jax import engine, losses
-from camu_jax.methods.base import Method, Stage, epoch_plan, stream_batch
+from camu_jax.methods.base import Method, Stage, epoch_plan, settings, stream_batch
 from camu_jax.models import apply_model, state_variables
-from camu_jax.steps import with_finite
+from camu_jax.steps import cast_like, sgd_traced, with_finite
 
 PyTree = Any
 
@@ -48,13 +51,34 @@ class LossState(struct.PyTreeNode):
     extra: PyTree = None
 
 
-def sgd(learning_rate: float, momentum: float, weight_decay: float):
-    """PyTorch `SGD(lr, momentum, weight_decay)`: coupled L2, then heavy-ball momentum."""
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay),
-        optax.trace(decay=momentum) if momentum else optax.identity(),
-        optax.scale(-learning_rate),
-    )
+def setting(method: Method, batch: dict, name: str):
+    """The data setting `name` of the member whose step gets `batch` (or whose `prepare` gets
+    `host`): `settings(batch)[name]`, a per-member (traced) scalar, in every batch the
+    programs of `run_population` build; in a batch built by hand without settings, the
+    config's own value (a concrete config: a skeleton's is None, and that fails here)."""
+    values = settings(batch) if "settings" in batch else None
+    if values is not None and name in values:
+        return values[name]
+    value = getattr(method, name)
+    if value is None:
+        raise TypeError(
+            f"{method.name}.{name} is a data setting: this batch carries no `settings` and the "
+            "config is a skeleton (Method.skeleton), which holds no value"
+        )
+    return value
+
+
+def stand_in_settings(method: Method) -> dict:
+    """`{"settings": ...}` with any value (0.0) for each of `method`'s data settings: what
+    building its optimizer for `init` needs, where no member's values are at hand (an
+    optimizer state's structure and initial zeros do not depend on them)."""
+    return {
+        "settings": {
+            f.name: 0.0
+            for f in dataclasses.fields(method)
+            if f.type in ("float", float) and f.name not in method.static_settings
+        }
+    }
 
 
 class LossMethod(Method):
@@ -65,14 +89,19 @@ class LossMethod(Method):
     Subclasses are frozen dataclasses that define `loss`; the defaults of `tx`, `plan` and
     `stages` read fields `epochs`, `learning_rate`, `momentum`, `weight_decay`, `batch_size`
     (a method with other fields overrides them). The hooks below shape the step that
-    `loss_program` builds."""
+    `loss_program` builds. A subclass with `settings_as_data = True` reads its float settings
+    in `tx`, `loss` and `make_batch` through `setting(self, batch, name)`, never as fields
+    (its programs are built from its skeleton, whose data settings are None)."""
 
     driver: ClassVar[str] = "r"  # f (D_f), r (D_r) or s (D_s): one epoch = one pass over it
     also: ClassVar[tuple[str, ...]] = ()
     stage: ClassVar[str] = "unlearn"  # the stage's name (loss records, progress, errors)
 
-    def tx(self):
-        return sgd(self.learning_rate, self.momentum, self.weight_decay)
+    def tx(self, batch: dict | None = None):
+        """The optimizer of the member whose step gets `batch`, from its data settings (None:
+        the config's own values); its state's structure does not depend on them."""
+        v = functools.partial(setting, self, batch or {})
+        return sgd_traced(v("learning_rate"), v("momentum"), v("weight_decay"))
 
     def loss(self, model, params, batch_stats, batch, extra):
         """`(loss, (batch_stats, metrics))` of one step: `batch` is what `make_batch` built
@@ -112,12 +141,14 @@ class LossMethod(Method):
 
 
 def loss_program(method: LossMethod, model, spec, mesh, *, tx=None) -> engine.Program:
-    """The program of a one-optimizer stage: `tx` (default `method.tx()`) minimises
+    """The program of a one-optimizer stage: the optimizer `tx(batch)` (default `method.tx`:
+    built inside each step from the member's data settings in `batch`) minimises
     `method.loss` on the batches `method.make_batch` builds; updates are scaled by
     `method.update_scale` and gated by `method.update_mask`. The state starts from the model's
     variables, or from the previous stage's state (its parameters and BatchNorm statistics,
     with a fresh optimizer)."""
-    tx = method.tx() if tx is None else tx
+    make_tx = method.tx if tx is None else tx
+    stand_in = stand_in_settings(method)
 
     def init(variables):
         v = state_variables(variables)
@@ -125,7 +156,7 @@ def loss_program(method: LossMethod, model, spec, mesh, *, tx=None) -> engine.Pr
             step=jnp.zeros((), jnp.int32),
             params=v["params"],
             batch_stats=v["batch_stats"],
-            opt_state=tx.init(v["params"]),
+            opt_state=make_tx(stand_in).init(v["params"]),
             extra=method.init_extra(variables),
         )
 
@@ -136,7 +167,7 @@ def loss_program(method: LossMethod, model, spec, mesh, *, tx=None) -> engine.Pr
         (loss, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = make_tx(batch).update(grads, state.opt_state, state.params)
         scale = method.update_scale(batch)
         if scale is not None:
             updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
@@ -172,6 +203,7 @@ class FineTune(LossMethod):
     name = "ft"
     title = "FT"
     driver = "r"
+    settings_as_data = True  # learning_rate, momentum, weight_decay
 
     epochs: int = 10  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.1  # MNIST CNN, tuned (docs/methods.md)
@@ -195,6 +227,7 @@ class GradientAscent(LossMethod):
     name = "ga"
     title = "GA"
     driver = "f"
+    settings_as_data = True  # learning_rate, momentum, weight_decay
 
     epochs: int = 1  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.01  # MNIST CNN, tuned (docs/methods.md)
@@ -233,6 +266,7 @@ class NegGradPlus(LossMethod):
     title = "NegGrad+"
     driver = "r"
     also = ("f",)
+    settings_as_data = True  # learning_rate, momentum, weight_decay, alpha, anchor_decay
 
     epochs: int = 3  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.05  # MNIST CNN, tuned (docs/methods.md)
@@ -251,8 +285,9 @@ class NegGradPlus(LossMethod):
         return (*super()._nonneg(), "anchor_decay", "alpha")
 
     def init_extra(self, variables):
-        # theta_0 for the L2 pull; a copy, so that donating the state never frees the original.
-        return jax.tree.map(jnp.array, variables["params"]) if self.anchor_decay else None
+        # theta_0 for the L2 pull, kept whatever anchor_decay is (data: 0 adds 0 x the
+        # distance); a copy, so that donating the state never frees the original.
+        return jax.tree.map(jnp.array, variables["params"])
 
     def loss(self, model, params, batch_stats, batch, extra):
         r, f = batch["remain"], batch["forget"]
@@ -261,10 +296,12 @@ class NegGradPlus(LossMethod):
         logits_f, _, batch_stats = forward(model, params, batch_stats, f)
         ce_r = ce(logits_r, r["y"], r["mask"])
         ce_f = ce(logits_f, f["y"], f["mask"])
+        alpha = cast_like(setting(self, batch, "alpha"), ce_r)
         retain = ce_r
         if extra is not None:
-            retain = retain + 0.5 * self.anchor_decay * l2_distance(params, extra)
-        loss = self.alpha * retain - (1.0 - self.alpha) * ce_f
+            anchor_decay = cast_like(setting(self, batch, "anchor_decay"), ce_r)
+            retain = retain + 0.5 * anchor_decay * l2_distance(params, extra)
+        loss = alpha * retain - (1.0 - alpha) * ce_f
         return loss, (batch_stats, {"ce_remain": ce_r, "ce_forget": ce_f})
 
 
@@ -292,6 +329,9 @@ class L1Sparse(LossMethod):
     name = "l1_sparse"
     title = "l1-sparse"
     driver = "r"
+    # learning_rate, momentum, weight_decay; gamma through the plan (`l1_gamma`: drawn per
+    # member from its own config, like any plan).
+    settings_as_data = True
 
     epochs: int = 3  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.1  # MNIST CNN, tuned (docs/methods.md)
@@ -315,7 +355,7 @@ class L1Sparse(LossMethod):
         plan = super().plan(ctx, epoch)
         coef = l1_coefficient(self.gamma, epoch, self.epochs, self.no_l1_epochs)
         # A per-step entry of the plan (not a field of the program), so that one compiled
-        # program serves every epoch.
+        # program serves every epoch and every gamma.
         plan["l1_gamma"] = np.full(plan["r_ids"].shape, coef, np.float32)
         return plan
 

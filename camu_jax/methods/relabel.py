@@ -17,15 +17,16 @@ The MNIST CNN settings and how they were chosen: docs/methods.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
 
 from camu_jax import sharding
 from camu_jax.data.pipeline import item_keys, preprocess
-from camu_jax.methods.finetune import LossMethod, ce, forward
+from camu_jax.methods.finetune import LossMethod, ce, forward, setting
 from camu_jax.methods.mixing import union_plan
-from camu_jax.steps import adam_l2
+from camu_jax.steps import adam_l2_traced
 
 UNION_TAG = 8  # rng tags of the union shuffle and of the label draws (others use 4 to 7)
 LABEL_TAG = 9
@@ -49,7 +50,8 @@ def relabelled_plan(ctx, epoch: int, batch_size: int, forget_labels: np.ndarray)
 
 def union_batch(spec, mesh):
     """`make_batch` for `relabelled_plan` rows: `batch["union"] = {x, y, mask, ids}`, inputs
-    augmented afresh every step (as a `DataLoader` with training transforms)."""
+    augmented afresh every step (as a `DataLoader` with training transforms), and the member's
+    data settings (`batch["settings"]`)."""
 
     def make_batch(state, shared, member, row):
         images, _ = shared
@@ -63,7 +65,10 @@ def union_batch(spec, mesh):
             "mask": row["u_mask"],
             "ids": row["u_ids"],
         }
-        return {"union": sharding.constrain_batch(part, mesh)}
+        batch = {"union": sharding.constrain_batch(part, mesh)}
+        if "settings" in member:
+            batch["settings"] = member["settings"]
+        return batch
 
     return make_batch
 
@@ -98,6 +103,7 @@ class RandomLabels(UnionMethod):
 
     name = "rl"
     title = "RL"
+    settings_as_data = True  # learning_rate, momentum, weight_decay
 
     epochs: int = 2  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.03  # MNIST CNN, tuned (docs/methods.md)
@@ -125,14 +131,16 @@ class Amnesiac(UnionMethod):
 
     name = "amnesiac"
     title = "Amnesiac"
+    settings_as_data = True  # learning_rate, weight_decay
 
     epochs: int = 1  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.0001  # MNIST CNN, tuned (docs/methods.md)
     weight_decay: float = 0.0
     batch_size: int = 128
 
-    def tx(self):
-        return adam_l2(self.learning_rate, self.weight_decay)
+    def tx(self, batch=None):
+        v = functools.partial(setting, self, batch or {})
+        return adam_l2_traced(v("learning_rate"), v("weight_decay"))
 
     def forget_labels(self, ctx, epoch):
         del epoch  # drawn once: the suites relabel D_f before training

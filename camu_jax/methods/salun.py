@@ -13,44 +13,61 @@ Two stages, both populations on the engine:
    decay and momentum cannot move a masked weight either; SalUn's code multiplies the
    gradients before `optimizer.step()`, where the coupled weight decay (5e-4) still shrinks
    masked weights by lr * 5e-4 per step.
+
+`saliency_ratio` is data like the other settings: `prepare` turns each member's ratio into the
+count of weights its mask keeps (`int(n * ratio)` on the host, in double precision, as the
+reference's rank threshold), the saliency stage carries that count in its state, and the
+unlearning stage's `init` ranks the summed gradients and keeps that many.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from camu_jax import engine
+from camu_jax import engine, sharding
 from camu_jax.methods.base import Stage, epoch_plan, stream_batch
 from camu_jax.methods.finetune import ce, forward, loss_program
 from camu_jax.methods.relabel import RandomLabels
 
 
 class SaliencyState(struct.PyTreeNode):
-    """The saliency stage's state: the original's variables and the running gradient sum.
-    Indexable like a variables dict, which is what the next stage's init reads."""
+    """The saliency stage's state: the original's variables, the running gradient sum, and how
+    many weights the mask will keep (`keep`, the member's, set by every step). Indexable like a
+    variables dict, which is what the next stage's init reads."""
 
     step: jax.Array
     params: dict
     batch_stats: dict
     grads: dict
+    keep: jax.Array
 
     def __getitem__(self, key):
         return getattr(self, key)
 
 
 def saliency_program(method, model, spec, mesh) -> engine.Program:
+    make = stream_batch(method, spec, mesh)
+
     def init(variables):
         return SaliencyState(
             step=jnp.zeros((), jnp.int32),
             params=variables["params"],
             batch_stats=variables["batch_stats"],
             grads=jax.tree.map(jnp.zeros_like, variables["params"]),
+            keep=jnp.zeros((), jnp.int32),
         )
+
+    def make_batch(state, shared, member, row):
+        batch = make(state, shared, member, row)
+        batch["salun_keep"] = member["salun_keep"]
+        return batch
 
     def step(state, batch):
         f = batch["forget"]
@@ -62,22 +79,42 @@ def saliency_program(method, model, spec, mesh) -> engine.Program:
 
         loss, grads = jax.value_and_grad(forget_loss)(state.params)
         metrics = {"loss": loss, "finite": jnp.isfinite(loss)}
+        if "salun_keep" in batch:  # the member's (`SalUn.prepare`)
+            keep = batch["salun_keep"]
+        else:  # a batch built by hand: the config's own ratio
+            keep = saliency_count(state.grads, method.saliency_ratio)
         return state.replace(
-            step=state.step + 1, grads=jax.tree.map(jnp.add, state.grads, grads)
+            step=state.step + 1,
+            grads=jax.tree.map(jnp.add, state.grads, grads),
+            keep=jnp.asarray(keep, jnp.int32),
         ), metrics
 
-    return engine.Program(init=init, step=step, make_batch=stream_batch(method, spec, mesh))
+    return engine.Program(init=init, step=step, make_batch=make_batch)
+
+
+def saliency_count(tree, ratio: float) -> int:
+    """`int(n * ratio)`: how many of the n entries of `tree` a mask of share `ratio` keeps (the
+    reference's rank threshold, in double precision)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)) * ratio)
 
 
 def saliency_mask(grads, ratio: float):
     """A boolean pytree like `grads`: True for the `floor(ratio * n)` entries of largest
     |grads| over all n entries together (ties: the earlier entry in leaf order), as SalUn's
     global rank `< int(n * ratio)`."""
+    return top_mask(grads, saliency_count(grads, ratio))
+
+
+def top_mask(grads, keep):
+    """A boolean pytree like `grads`: True for the `keep` entries (an int, or a traced int32
+    scalar) of largest |grads| over all entries together (ties: the earlier entry in leaf
+    order)."""
     leaves, treedef = jax.tree.flatten(grads)
     flat = jnp.concatenate([jnp.abs(g).ravel() for g in leaves])
-    k = int(flat.size * ratio)
     order = jnp.argsort(-flat, stable=True)
-    chosen = jnp.zeros(flat.shape, bool).at[order[:k]].set(True)
+    # The rank of each entry; the first `keep` ranks are chosen (`order[:keep]`, for any keep).
+    rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    chosen = rank < keep
     out, start = [], 0
     for g in leaves:
         out.append(chosen[start : start + g.size].reshape(g.shape))
@@ -94,6 +131,7 @@ class SalUn(RandomLabels):
 
     name = "salun"
     title = "SalUn"
+    settings_as_data = True  # learning_rate, momentum, weight_decay, saliency_ratio
 
     epochs: int = 2  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.03  # MNIST CNN, tuned (docs/methods.md)
@@ -109,8 +147,21 @@ class SalUn(RandomLabels):
                 f"salun saliency_ratio must lie in (0, 1], got {self.saliency_ratio!r}"
             )
 
+    def member_arrays(self, ctx):
+        # The ratio in double precision (the data settings reach `prepare` in JAX's float
+        # type), so that the count of kept weights is the reference's `int(n * ratio)`.
+        return {"salun_ratio": np.float64(self.saliency_ratio)}
+
+    def prepare(self, model, originals, data, host):
+        one = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), originals["params"]
+        )
+        ratios = np.asarray(host["salun_ratio"], np.float64)
+        keep = np.asarray([saliency_count(one, r) for r in ratios], np.int32)
+        return {"salun_keep": sharding.shard_members(keep, data.mesh)}
+
     def init_extra(self, variables):
-        return saliency_mask(variables["grads"], self.saliency_ratio)
+        return top_mask(variables["grads"], variables["keep"])
 
     def update_mask(self, extra):
         return extra

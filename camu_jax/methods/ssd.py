@@ -46,8 +46,9 @@ from flax import struct
 
 from camu_jax import engine, losses
 from camu_jax.data.pipeline import pad_to_batches
-from camu_jax.methods.base import Method, Stage, stream_batch
+from camu_jax.methods.base import Method, Stage, settings, stream_batch
 from camu_jax.models import apply_model
+from camu_jax.steps import cast_like
 
 PyTree = Any
 
@@ -77,18 +78,20 @@ class SsdState(struct.PyTreeNode):
         return i_f, i_d
 
 
-def selection(i_f: PyTree, i_d: PyTree, *, alpha: float) -> PyTree:
-    """The official synapse selection: `I_f > alpha * I_D`, per parameter (booleans)."""
-    return jax.tree.map(lambda f, d: f > d * alpha, i_f, i_d)
+def selection(i_f: PyTree, i_d: PyTree, *, alpha) -> PyTree:
+    """The official synapse selection: `I_f > alpha * I_D`, per parameter (booleans); `alpha`
+    a float or a scalar array (a member's data setting), cast to each leaf's dtype."""
+    return jax.tree.map(lambda f, d: f > d * cast_like(alpha, d), i_f, i_d)
 
 
-def dampen(params: PyTree, i_f: PyTree, i_d: PyTree, *, alpha: float, lam: float) -> PyTree:
+def dampen(params: PyTree, i_f: PyTree, i_d: PyTree, *, alpha, lam) -> PyTree:
     """The official `modify_weight`: where selected, `theta * min(lam * I_D / I_f, 1)`;
-    elsewhere `theta` itself (a select, so unselected parameters stay bit-identical)."""
+    elsewhere `theta` itself (a select, so unselected parameters stay bit-identical). `alpha`
+    and `lam`: floats or scalar arrays (a member's data settings)."""
 
     def one(p, selected, f, d):
         # I_f > 0 wherever selected; the guard keeps the unused branch finite.
-        weight = jnp.minimum((d * lam) / jnp.where(selected, f, 1.0), 1.0)
+        weight = jnp.minimum((d * cast_like(lam, d)) / jnp.where(selected, f, 1.0), 1.0)
         return jnp.where(selected, p * weight, p)
 
     return jax.tree.map(one, params, selection(i_f, i_d, alpha=alpha), i_f, i_d)
@@ -101,6 +104,7 @@ class SSD(Method):
 
     name = "ssd"
     title = "SSD"
+    settings_as_data = True  # alpha and lam are per-member data (the dampening step's inputs)
 
     alpha: float = 0.1  # MNIST CNN, tuned (official ResNet18: 10)
     lam: float = 0.01  # MNIST CNN, tuned (official ResNet18: 1)
@@ -183,9 +187,10 @@ def _importance(config: SSD, stream: str, model, spec, mesh) -> engine.Program:
 
 def _dampen_program(config: SSD, model, spec, mesh) -> engine.Program:
     def step(state, batch):
+        s = settings(batch)  # alpha and lam: the member's data settings, not `config`'s
         i_f, i_d = state.importances()
-        params = dampen(state.params, i_f, i_d, alpha=config.alpha, lam=config.lam)
-        chosen = selection(i_f, i_d, alpha=config.alpha)
+        params = dampen(state.params, i_f, i_d, alpha=s["alpha"], lam=s["lam"])
+        chosen = selection(i_f, i_d, alpha=s["alpha"])
         selected = sum(jnp.sum(x) for x in jax.tree.leaves(chosen))
         metrics = {"selected": selected.astype(jnp.float32), "finite": jnp.array(True)}
         return state.replace(step=state.step + 1, params=params), metrics

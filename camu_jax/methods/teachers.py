@@ -2,13 +2,14 @@
 al., NeurIPS 2023). The frozen original is the (competent) teacher; the student starts as a
 copy of it. Teachers live in member data (stacked variables on device) and run in eval mode
 inside each step, on the step's own inputs (so augmented inputs get their teachers' outputs):
-both are one-optimizer `LossMethod`s whose `make_batch` adds the teachers' outputs to the
-merged batch their `loss` reads.
+both are one-optimizer `LossMethod`s whose `make_batch` adds the teachers' outputs (and the
+member's data settings) to the merged batch their `loss` reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +18,10 @@ import numpy as np
 from camu_jax import sharding
 from camu_jax.data.pipeline import shuffled_batches
 from camu_jax.methods.base import stream_batch
-from camu_jax.methods.finetune import LossMethod, ce, forward
+from camu_jax.methods.finetune import LossMethod, ce, forward, setting
 from camu_jax.methods.mixing import fraction_subset, kl_rows, masked_sum, merge, union_plan
 from camu_jax.models import apply_model, init_variables
-from camu_jax.steps import adam_l2, check_number
+from camu_jax.steps import adam_l2_traced, cast_like, check_number
 
 _BAD_TAG = 0xBAD7
 _SCRUB_TAG = 0x5C2B
@@ -28,6 +29,13 @@ _SCRUB_TAG = 0x5C2B
 
 def _logits(model, variables, x):
     return apply_model(model, variables["params"], variables["batch_stats"], x, train=False)[0]
+
+
+def _with_settings(merged: dict, batch: dict) -> dict:
+    """`merged` with `batch`'s data settings (where it has them)."""
+    if "settings" in batch:
+        merged["settings"] = batch["settings"]
+    return merged
 
 
 # ------------------------------------------------------------------------------ Bad Teacher
@@ -52,6 +60,9 @@ class BadTeacher(LossMethod):
     name = "bad_teacher"
     stage = "distill"
     title = "Bad Teacher"
+    settings_as_data = True  # learning_rate, temperature
+    # The D_r share sets how many items, so how many steps, an epoch has (the plan's shape).
+    static_settings = ("retain_fraction",)
 
     epochs: int = 1  # MNIST CNN, tuned (docs/methods.md)
     learning_rate: float = 0.01  # MNIST CNN, tuned (docs/methods.md)
@@ -83,18 +94,19 @@ class BadTeacher(LossMethod):
         pools = {"f": np.arange(len(ctx.forget)), "r": subset}
         return union_plan(ctx.rng(_BAD_TAG, 2, epoch), pools, self.batch_size)
 
-    def tx(self):
-        return adam_l2(self.learning_rate, 0.0)
+    def tx(self, batch=None):
+        return adam_l2_traced(setting(self, batch or {}, "learning_rate"), 0.0)
 
     def make_batch(self, model, spec, mesh):
         make = stream_batch(self, spec, mesh)
-        temp = self.temperature
 
         def make_batch(state, shared, member, row):
             b = make(state, shared, member, row)
-            m = merge([b["remain"], b["forget"]])  # which == 1: a D_f item
-            good = jax.nn.softmax(_logits(model, member["teacher"], m["x"]) / temp, axis=-1)
-            bad = jax.nn.softmax(_logits(model, member["bad_teacher"], m["x"]) / temp, axis=-1)
+            m = _with_settings(merge([b["remain"], b["forget"]]), b)  # which == 1: a D_f item
+            good = _logits(model, member["teacher"], m["x"])
+            bad = _logits(model, member["bad_teacher"], m["x"])
+            temp = cast_like(setting(self, b, "temperature"), good)
+            good, bad = jax.nn.softmax(good / temp, axis=-1), jax.nn.softmax(bad / temp, axis=-1)
             m["teacher_probs"] = jnp.where((m["which"] == 1)[:, None], bad, good)
             return m
 
@@ -105,7 +117,7 @@ class BadTeacher(LossMethod):
         rows = kl_rows(
             student_logits=logits,
             teacher_probs=batch["teacher_probs"],
-            temperature=self.temperature,
+            temperature=cast_like(setting(self, batch, "temperature"), logits),
         )
         count = jnp.maximum(jnp.sum(batch["mask"]), 1.0) * logits.shape[-1]
         return masked_sum(rows, batch["mask"]) / count, (batch_stats, {})
@@ -138,6 +150,9 @@ class Scrub(LossMethod):
     name = "scrub"
     stage = "scrub"
     title = "SCRUB"
+    # learning_rate, momentum, weight_decay, gamma, alpha, temperature; lr_decay_rate through
+    # the plan (`lr_scale`: drawn per member from its own config, like any plan).
+    settings_as_data = True
 
     epochs: int = 3  # MNIST CNN, tuned (docs/methods.md)
     msteps: int = 2
@@ -198,14 +213,13 @@ class Scrub(LossMethod):
 
     def make_batch(self, model, spec, mesh):
         make = stream_batch(self, spec, mesh)
-        temp = self.temperature
 
         def make_batch(state, shared, member, row):
             b = make(state, shared, member, row)
-            m = merge([b["remain"], b["forget"]])
-            m["teacher_probs"] = jax.nn.softmax(
-                _logits(model, member["teacher"], m["x"]) / temp, axis=-1
-            )
+            m = _with_settings(merge([b["remain"], b["forget"]]), b)
+            logits = _logits(model, member["teacher"], m["x"])
+            temp = cast_like(setting(self, b, "temperature"), logits)
+            m["teacher_probs"] = jax.nn.softmax(logits / temp, axis=-1)
             m["maximize"] = jnp.sum(b["forget"]["mask"]) > 0
             m["lr_scale"] = b["lr_scale"][0]
             return m
@@ -213,12 +227,14 @@ class Scrub(LossMethod):
         return make_batch
 
     def loss(self, model, params, batch_stats, batch, extra):
-        temp = self.temperature
+        v = functools.partial(setting, self, batch)
         logits, _, batch_stats = forward(model, params, batch_stats, batch)
+        temp = cast_like(v("temperature"), logits)
         rows = kl_rows(
             student_logits=logits, teacher_probs=batch["teacher_probs"], temperature=temp
         )
         kl = masked_sum(rows, batch["mask"]) * temp**2 / jnp.maximum(jnp.sum(batch["mask"]), 1)
         cls = ce(logits, batch["y"], batch["mask"])
-        loss = jnp.where(batch["maximize"], -kl, self.gamma * cls + self.alpha * kl)
+        gamma, alpha = cast_like(v("gamma"), cls), cast_like(v("alpha"), kl)
+        loss = jnp.where(batch["maximize"], -kl, gamma * cls + alpha * kl)
         return loss, (batch_stats, {"kl": kl, "ce": jnp.where(batch["maximize"], 0.0, cls)})

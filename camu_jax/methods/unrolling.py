@@ -48,8 +48,9 @@ from flax import struct
 
 from camu_jax import engine, losses, sharding
 from camu_jax.data.pipeline import pad_to_batches
-from camu_jax.methods.base import Method, Stage, stream_batch
+from camu_jax.methods.base import Method, Stage, settings, stream_batch
 from camu_jax.models import apply_model, init_variables
+from camu_jax.steps import cast_like
 
 PyTree = Any
 
@@ -67,6 +68,7 @@ class UnrollingSGD(Method):
 
     name = "unrolling"
     title = "Unrolling SGD"
+    settings_as_data = True  # learning_rate is per-member data (E and b are int, static)
 
     learning_rate: float = 7.5e-4  # MNIST CNN, tuned as 3e-3 at E = 5 (module docstring)
     original_epochs: int = 20
@@ -74,8 +76,9 @@ class UnrollingSGD(Method):
 
     @property
     def scale(self) -> float:
-        """eta * E / b: the multiplier of the summed D_f gradient at theta_0."""
-        return self.learning_rate * self.original_epochs / self.batch_size
+        """eta * E / b: the multiplier of the summed D_f gradient at theta_0 (host side; the
+        program computes it from the member's `learning_rate`, `update_scale`)."""
+        return update_scale(self.learning_rate, self.original_epochs, self.batch_size)
 
     def member_arrays(self, ctx):
         return {"init_key": np.asarray(jax.random.key_data(jax.random.key(ctx.seed)))}
@@ -99,6 +102,11 @@ class UnrollingSGD(Method):
 
     def stages(self):
         return (Stage("unlearn", functools.partial(_program, self), self.plan, 1),)
+
+
+def update_scale(learning_rate, original_epochs: int, batch_size: int):
+    """eta * E / b, in this order (a float, or an array for a traced `learning_rate`)."""
+    return learning_rate * original_epochs / batch_size
 
 
 def _program(config: UnrollingSGD, model, spec, mesh) -> engine.Program:
@@ -127,7 +135,12 @@ def _program(config: UnrollingSGD, model, spec, mesh) -> engine.Program:
         # The sum over the batch's items of grad l(theta_0; x): applied as it comes, since
         # every gradient is taken at theta_0, not at the state's parameters.
         (_, mean), grads = jax.value_and_grad(summed_loss, has_aux=True)(initial["params"])
-        params = jax.tree.map(lambda p, g: p + config.scale * g, state.params, grads)
+        # eta (the member's data setting) * E / b: in float64 what the host computes; in
+        # float32 it may differ from the host's float64 product in the last bit.
+        scale = update_scale(
+            settings(batch)["learning_rate"], config.original_epochs, config.batch_size
+        )
+        params = jax.tree.map(lambda p, g: p + cast_like(scale, g) * g, state.params, grads)
         metrics = {"loss": mean, "finite": jnp.isfinite(mean)}
         return state.replace(step=state.step + 1, params=params), metrics
 

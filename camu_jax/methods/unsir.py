@@ -16,10 +16,10 @@ import optax
 
 from camu_jax import sharding
 from camu_jax.methods.base import Stage, stream_batch
-from camu_jax.methods.finetune import LossMethod, ce, forward, loss_program
+from camu_jax.methods.finetune import LossMethod, ce, forward, loss_program, setting
 from camu_jax.methods.mixing import merge, per_class_subset, union_plan
 from camu_jax.models import apply_model
-from camu_jax.steps import adam_l2
+from camu_jax.steps import adam_l2_traced, cast_like
 
 _NOISE_TAG = 0x0315
 
@@ -51,6 +51,7 @@ class Unsir(LossMethod):
 
     name = "unsir"
     title = "UNSIR"
+    settings_as_data = True  # noise_lr, noise_weight, impair_lr, repair_lr
 
     noise_size: int = 256
     noise_steps: int = 40
@@ -85,8 +86,8 @@ class Unsir(LossMethod):
             host["noise_y"],
             host["unsir_key"],
             steps=self.noise_steps,
-            learning_rate=self.noise_lr,
-            weight=self.noise_weight,
+            learning_rate=setting(self, host, "noise_lr"),
+            weight=setting(self, host, "noise_weight"),
         )
         return {"noise": noise}
 
@@ -119,7 +120,10 @@ class Unsir(LossMethod):
                 "y": member["noise_y"][b["noise_ids"]],
                 "mask": b["noise_mask"],
             }
-            return sharding.constrain_batch(merge([b["remain"], noise]), mesh)
+            batch = sharding.constrain_batch(merge([b["remain"], noise]), mesh)
+            if "settings" in b:
+                batch["settings"] = b["settings"]
+            return batch
 
         return make_batch
 
@@ -127,18 +131,25 @@ class Unsir(LossMethod):
         logits, _, batch_stats = forward(model, params, batch_stats, batch)
         return ce(logits, batch["y"], batch["mask"]), (batch_stats, {})
 
+    def impair_tx(self, batch=None):
+        # The notebook's Adam(lr): no weight decay.
+        return adam_l2_traced(setting(self, batch or {}, "impair_lr"), 0.0)
+
+    def repair_tx(self, batch=None):
+        return adam_l2_traced(setting(self, batch or {}, "repair_lr"), 0.0)
+
     def stages(self):
-        # The notebook's Adam(lr): no weight decay; repair starts a fresh Adam, as the notebook.
+        # Repair starts a fresh Adam, as the notebook.
         return (
             Stage(
                 "impair",
-                functools.partial(loss_program, self, tx=adam_l2(self.impair_lr, 0.0)),
+                functools.partial(loss_program, self, tx=self.impair_tx),
                 self.impair_plan,
                 self.impair_epochs,
             ),
             Stage(
                 "repair",
-                functools.partial(loss_program, self, tx=adam_l2(self.repair_lr, 0.0)),
+                functools.partial(loss_program, self, tx=self.repair_tx),
                 self.repair_plan,
                 self.repair_epochs,
             ),
@@ -146,26 +157,28 @@ class Unsir(LossMethod):
 
 
 @functools.lru_cache(maxsize=16)
-def _noise_program(model, mesh, shape: tuple[int, ...], learning_rate: float, weight: float):
-    tx = adam_l2(learning_rate, 0.0)  # the notebook's Adam(lr): no weight decay
+def _noise_program(model, mesh, shape: tuple[int, ...]):
+    def tx(learning_rate):
+        return adam_l2_traced(learning_rate, 0.0)  # the notebook's Adam(lr): no weight decay
 
-    def loss(noise, variables, labels):
+    def loss(noise, variables, labels, weight):
         logits, _, _ = apply_model(
             model, variables["params"], variables["batch_stats"], noise, train=True
         )
         sq = jnp.sum(jnp.square(noise), axis=tuple(range(1, noise.ndim)))
-        return -ce(logits, labels, jnp.ones_like(sq)) + weight * jnp.mean(sq)
+        mean_sq = jnp.mean(sq)
+        return -ce(logits, labels, jnp.ones_like(sq)) + cast_like(weight, mean_sq) * mean_sq
 
-    def one(noise, opt_state, variables, labels):
-        grads = jax.grad(loss)(noise, variables, labels)
-        updates, opt_state = tx.update(grads, opt_state, noise)
+    def one(noise, opt_state, variables, labels, learning_rate, weight):
+        grads = jax.grad(loss)(noise, variables, labels, weight)
+        updates, opt_state = tx(learning_rate).update(grads, opt_state, noise)
         return optax.apply_updates(noise, updates), opt_state
 
     def start(key):
         noise = jax.random.normal(jax.random.wrap_key_data(key), shape, jnp.result_type(float))
-        return noise, tx.init(noise)
+        return noise, tx(0.0).init(noise)  # the state does not depend on the rate
 
-    vstep = sharding.vmap_members(one, mesh, (0, 0, 0, 0))
+    vstep = sharding.vmap_members(one, mesh, (0, 0, 0, 0, 0, 0))
     vstart = sharding.vmap_members(start, mesh, (0,))
 
     def pin(tree):
@@ -182,16 +195,33 @@ def error_maximising_noise(
 ) -> jax.Array:
     """`[P, K, *input_shape]`: per member, K inputs (model input space) that maximise the
     frozen original's cross-entropy with `labels` (`[P, K]`) under an L2 penalty `weight`:
-    Adam from N(0, 1) (seeded by `keys`, `[P]` key data) for `steps` full-batch steps."""
+    Adam (rate `learning_rate`) from N(0, 1) (seeded by `keys`, `[P]` key data) for `steps`
+    full-batch steps. `learning_rate` and `weight`: numbers, or one per member (`[P]`: data,
+    one compiled program serves every value)."""
     mesh = data.mesh
     labels = np.asarray(labels, np.int32)
     shape = (labels.shape[1], *data.input_shape)
-    step, start = _noise_program(model, mesh, shape, float(learning_rate), float(weight))
-    placed = sharding.shard_members({"keys": np.asarray(keys), "y": labels}, mesh)
+    step, start = _noise_program(model, mesh, shape)
+    dtype = jax.dtypes.canonicalize_dtype(np.float64)
+
+    def per_member(value):
+        return np.broadcast_to(np.asarray(value, dtype), labels.shape[:1])
+
+    placed = sharding.shard_members(
+        {
+            "keys": np.asarray(keys),
+            "y": labels,
+            "lr": per_member(learning_rate),
+            "weight": per_member(weight),
+        },
+        mesh,
+    )
     noise, opt_state = start(placed["keys"])
     sync = sharding.needs_sync(mesh)
     for _ in range(steps):
-        noise, opt_state = step(noise, opt_state, originals, placed["y"])
+        noise, opt_state = step(
+            noise, opt_state, originals, placed["y"], placed["lr"], placed["weight"]
+        )
         if sync:  # fake CPU devices can deadlock in a collective unless each call is waited for
             jax.block_until_ready(noise)
     return noise
