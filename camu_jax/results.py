@@ -138,8 +138,10 @@ METHOD_TITLES: Mapping[str, str] = _MethodTitles()
 
 
 def method_title(name: str) -> str:
-    """A method's display title ("CaMU", "NegGrad+", "Retrain"); an unknown name as it is."""
-    return METHOD_TITLES.get(name, name)
+    """A method's display title ("CaMU", "NegGrad+", "Retrain"; a sweep's point
+    "FT[learning_rate=0.01]"); an unknown name as it is."""
+    base, bracket, point = name.partition("[")
+    return METHOD_TITLES.get(base, base) + bracket + point
 
 
 def number(value) -> float | None:

@@ -35,10 +35,12 @@ from experiments.configs import (
     apply_settings,
     default_model,
     flat_values,
+    is_sweep,
     leaf_type,
     nested_settings,
     read_study,
     setting_from_text,
+    sweep_points,
 )
 
 _PREFIX = "config."  # namespace key prefix of config fields (other flags live beside them)
@@ -264,6 +266,15 @@ def _camu_overrides(settings: dict) -> dict:
     return nested_settings("camu", settings)
 
 
+def _sweeps(name: str, settings: dict) -> dict:
+    """Method `name`'s sweeps, taken out of `settings`."""
+    own = settings.get(name, {})
+    out = {k: v for k, v in own.items() if is_sweep(name, k, v)}
+    for k in out:
+        del own[k]
+    return out
+
+
 def _flat(nested: dict) -> dict:
     """`{leaf name: value}` of nested changes (CaMU's setting names are unique leaves)."""
     out = {}
@@ -279,6 +290,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
     given = _given(args)
     settings = parse_settings(given.pop("method_settings", []))
+    # CaMU's sweeps stay settings (the config's `camu` holds one value per field).
+    camu_sweeps = _sweeps("camu", settings)
     # `--set camu.X` is `--camu-X`: both given is a contradiction, not a precedence question.
     camu = _camu_overrides(settings.pop("camu", {}))
     for field in sorted(_flat(camu).keys() & _flat(given.get("camu", {})).keys()):
@@ -292,6 +305,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     study_file = getattr(args, "study_file", None)
     if study_file is not None:
         file_fields, file_settings = read_study(study_file)
+        camu_sweeps = {**_sweeps("camu", file_settings), **camu_sweeps}
         if camu := _camu_overrides(file_settings.pop("camu", {})):
             file_fields["camu"] = camu
         given = _merge(file_fields, given)
@@ -321,11 +335,14 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             f"--set {name}.{field}: {name} is not among the methods of this study "
             f"({', '.join(names)}); add it to --methods"
         )
-    resolved = []
+    resolved = [("camu", k, v) for k, v in camu_sweeps.items()]
     for name in names:
         if name != "camu":
-            method = apply_settings(methods.get(name), settings.get(name, {}))
-            resolved += [(name, k, v) for k, v in flat_values(method).items()]
+            given_settings = settings.get(name, {})
+            first = sweep_points(name, given_settings)[0]
+            values = flat_values(apply_settings(methods.get(name), first))
+            values.update({k: v for k, v in given_settings.items() if is_sweep(name, k, v)})
+            resolved += [(name, k, v) for k, v in values.items()]
     config = dataclasses.replace(config, method_settings=tuple(resolved))
     config.validate()
     return config

@@ -3,14 +3,18 @@
 Every method's settings come from one place: `ExperimentConfig.method_configs()`, the method's
 default config (CaMU's: `camu`, or the reference preset) with the `method_settings` entries
 `(method, field, value)` applied (`--set METHOD.FIELD=VALUE`; CaMU's coefficients are flat:
-`camu.rep_sample`). A study is written to and read from TOML (`to_toml`, `read_study`): one
-top-level key per `ExperimentConfig` field and one `[method_settings.NAME]` table per method.
+`camu.rep_sample`). A tuple of values on a numeric field is a sweep (`--set
+ft.learning_rate=0.01,0.03,0.1`; several give their product): every point is one config of
+`method_groups()`, one row of the results. A study is written to and read from TOML
+(`to_toml`, `read_study`): one top-level key per `ExperimentConfig` field and one
+`[method_settings.NAME]` table per method.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import numbers
 import tomllib
@@ -97,7 +101,7 @@ class ExperimentConfig:
             preset_scenario = "class" if self.scenario == "class" else "random"
             preset = camu_preset(self.dataset, preset_scenario)
             base = dataclasses.replace(preset, batch_size=self.batch_size)
-        return apply_settings(base, self.settings_of("camu"))
+        return apply_settings(base, sweep_points("camu", self.settings_of("camu"))[0])
 
     def settings_of(self, name: str) -> dict:
         """`{field: value}` of `method_settings` for method `name` (typed; later entries win)."""
@@ -115,20 +119,50 @@ class ExperimentConfig:
             return methods.names()
         return tuple(self.methods)
 
-    def method_configs(self) -> dict:
-        """`{name: config}` of every method of the study: CaMU's is `camu_config()` (it follows
-        `--batch-size`, as the reference's CaMU trains with the original's batch); every other
-        method its default config: its paper's or official code's settings, batch included
-        (`docs/methods.md`), which the tuning of `docs/methods.md` also used; each with its
-        `method_settings` applied."""
+    def method_groups(self) -> dict[str, list]:
+        """`{name: [config per point]}` of every method of the study: CaMU's from `camu` or
+        the preset with `--batch-size` (the reference's CaMU trains with the original's
+        batch), every other method from its default config: its paper's or official code's
+        settings, batch included (`docs/methods.md`), which the tuning of `docs/methods.md`
+        also used; each with its `method_settings` applied, one config per point of its
+        sweeps (one config when it has none)."""
         from camu_jax import methods
 
+        out = {}
+        for name in self.method_names():
+            if name == "camu":
+                base = self.camu_config()
+            else:
+                base = methods.get(name)
+            out[name] = [
+                apply_settings(base, p) for p in sweep_points(name, self.settings_of(name))
+            ]
+        return out
+
+    def method_configs(self) -> dict:
+        """`{row name: config}` of every point of every method (`method_groups`): the
+        method's name, or `name[field=value,...]` for the points of a sweep."""
+        from camu_jax.study import point_labels
+
         return {
-            name: self.camu_config()
-            if name == "camu"
-            else apply_settings(methods.get(name), self.settings_of(name))
-            for name in self.method_names()
+            label: config
+            for group in self.method_groups().values()
+            for label, config in zip(point_labels(group), group, strict=True)
         }
+
+    def setting_values(self, name: str) -> dict:
+        """Every setting of method `name` (`flat_values` of its first point), its sweeps as
+        tuples: what a study file and the resolved config record."""
+        from camu_jax import methods
+
+        settings = self.settings_of(name)
+        if name == "camu":
+            first = self.camu_config()
+        else:
+            first = apply_settings(methods.get(name), sweep_points(name, settings)[0])
+        values = flat_values(first)
+        values.update({f: v for f, v in settings.items() if is_sweep(name, f, v)})
+        return values
 
     def forget_specs(self) -> list[tuple[tuple[int, ...] | None, ForgetSpec]]:
         """`(forgotten classes or None, spec)` for every forgetting run of one seed."""
@@ -235,7 +269,7 @@ class ExperimentConfig:
             raise ValueError(
                 f"--methods {','.join(self.methods)} names {', '.join(twice)} more than once"
             )
-        for config in self.method_configs().values():
+        for config in self.method_configs().values():  # every point; labels distinct
             config.validate()
 
 
@@ -330,6 +364,12 @@ def _coerce(value, hint, what: str):
     if leaf is bool:
         if isinstance(value, bool):
             return value
+    elif leaf in (int, float) and isinstance(value, list | tuple):
+        # A sweep: one point per value (one value is no sweep).
+        points = tuple(_coerce(v, leaf, what) for v in value)
+        if not points:
+            raise ValueError(f"{what}: a sweep needs at least one value, got {value!r}")
+        return points if len(points) > 1 else points[0]
     elif leaf is int:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
@@ -363,6 +403,8 @@ def _from_text(text: str, hint, what: str):
                 return False
             raise ValueError
         if leaf in (int, float):
+            if "," in text:  # a sweep
+                return _coerce([leaf(t) for t in text.split(",") if t.strip()], leaf, what)
             return leaf(text)
         if leaf is str:
             return text
@@ -388,6 +430,23 @@ def setting_from_text(name: str, field: str, text: str):
     `setting_value`."""
     setting_path(name, field)
     return _from_text(text, setting_fields(name)[field], f"{name}.{field}")
+
+
+def is_sweep(name: str, field: str, value) -> bool:
+    """Whether `value` of setting `field` of method `name` is a sweep (a tuple of values of
+    a numeric field)."""
+    return isinstance(value, tuple) and leaf_type(setting_fields(name)[field]) in (int, float)
+
+
+def sweep_points(name: str, settings: Mapping) -> list[dict]:
+    """Method `name`'s `{field: value}` settings, one dict per point of their sweeps (their
+    product, in the order given; one dict when there is no sweep)."""
+    axes = {f: v for f, v in settings.items() if is_sweep(name, f, v)}
+    fixed = {f: v for f, v in settings.items() if f not in axes}
+    return [
+        {**fixed, **dict(zip(axes, point, strict=True))}
+        for point in itertools.product(*axes.values())
+    ]
 
 
 def nested_settings(name: str, settings: Mapping) -> dict:
@@ -488,10 +547,9 @@ def to_toml(config: ExperimentConfig) -> str:
             lines.append(f"# {field.name}: unset (derived at run time)")
         else:
             lines.append(f"{field.name} = {_toml_value(value)}")
-    configs = {"camu": config.camu_config(), **config.method_configs()}
-    for name, method in configs.items():
+    for name in ("camu", *(n for n in config.method_names() if n != "camu")):
         lines += ["", f"[{STUDY_TABLE}.{_toml_key(name)}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in flat_values(method).items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in config.setting_values(name).items()]
     return "\n".join(lines) + "\n"
 
 

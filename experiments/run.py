@@ -26,7 +26,7 @@ from camu_jax.data.splits import make_splits
 from camu_jax.models import create_model
 from camu_jax.relearning import RelearnConfig
 from camu_jax.results import RUN_COLUMNS, table
-from camu_jax.study import BASELINES, UNLEARNING, Run, Store, run_study
+from camu_jax.study import BASELINES, UNLEARNING, Run, Store, folder_name, run_study
 from camu_jax.training import TrainConfig
 from experiments.configs import ExperimentConfig, to_toml
 from experiments.outputs import check_output_paths
@@ -105,7 +105,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     check_output_paths(
         workdir,
         store.root,
-        (*BASELINES, *method_configs, UNLEARNING),
+        (*BASELINES, *map(folder_name, method_configs), UNLEARNING),
         f"{store.prefix}-",
         [r.name for r in runs],
     )
@@ -130,7 +130,7 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
             train=train,
             test=test,
             runs=runs,
-            methods=list(method_configs.values()),
+            methods=list(config.method_groups().values()),
             train_config=train_config,
             num_classes=data.num_classes,
             relearning=(

@@ -10,7 +10,9 @@ unlearns the original with D_r \\ V as its remaining set and scores
 `|acc(D_f) - acc_retrain(D_f)| + |acc(V) - acc_retrain(V)|` (percent points); the lowest score
 wins, ties going to the grid's earlier setting (grids list cheaper settings first). A setting
 that diverges scores infinity. One JSON line per setting is printed; `--out` gets them all with
-the reference accuracies, the grids and the choices.
+the reference accuracies, the grids and the choices. A method's grid points that differ only in
+data settings (learning rates, coefficients: `Method.static_settings`) are unlearned as one
+population on one compiled program (`--population-size 1`: one at a time).
 
 SSD's importances do not depend on alpha or lambda: they are computed once and each
 (alpha, lambda) dampens the original with `ssd.dampen`, the function SSD's last stage applies;
@@ -174,6 +176,14 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", required=True)
     p.add_argument(
+        "--population-size",
+        type=int,
+        default=None,
+        help="grid points unlearned at once (default: the layout the engine chooses; 1: one "
+        "at a time). A method's points that differ only in data settings run as one "
+        "population on one program",
+    )
+    p.add_argument(
         "--grid",
         default="{}",
         help='JSON replacing grids, e.g. \'{"ga": {"learning_rate": [0.003], "epochs": [1]}}\'',
@@ -263,6 +273,31 @@ def main(argv=None) -> int:
         )
         return variables, info
 
+    def run_grid(configs: list) -> list:
+        """`(variables or None, info)` of every config: those that share a program (they
+        differ only in data settings) as one population, a diverged one recorded."""
+        out = [None] * len(configs)
+        groups: dict = {}
+        for i, c in enumerate(configs):
+            groups.setdefault(c.skeleton(), []).append(i)
+        for indices in groups.values():
+            n = len(indices)
+            results = methods.run_population(
+                [configs[i] for i in indices],
+                model,
+                [original] * n,
+                data=train,
+                splits=[splits] * n,
+                seeds=[args.seed] * n,
+                num_classes=d.num_classes,
+                population_size=args.population_size,
+                progress=False,
+                on_divergence="record",
+            )
+            for i, result in zip(indices, results, strict=True):
+                out[i] = result
+        return out
+
     print(json.dumps({"reference": reference}), flush=True)
     rows, chosen = [], {}
 
@@ -295,25 +330,35 @@ def main(argv=None) -> int:
 
     for method_name in names:
         mine = []
+        grid = settings(grids[method_name])
         if method_name == "ssd":
             exposed, _ = run(SSDWithImportances())
-        for setting in settings(grids[method_name]):
+        else:
+            outs = run_grid(
+                [
+                    methods.get(method_name, **overrides(method_name, st, args.original_epochs))
+                    for st in grid
+                ]
+            )
+        for k, setting in enumerate(grid):
             row = {"method": method_name, "setting": setting}
-            try:
-                if method_name == "ssd":
-                    kw = dict(alpha=setting["alpha"], lam=setting["lam"])
-                    params = dampen(original["params"], exposed["i_f"], exposed["i_d"], **kw)
-                    s = scores({"params": params, "batch_stats": original["batch_stats"]})
-                    mask = selection(exposed["i_f"], exposed["i_d"], alpha=setting["alpha"])
-                    row["selected"] = int(sum(np.sum(x) for x in jax.tree.leaves(mask)))
-                else:
-                    ov = overrides(method_name, setting, args.original_epochs)
-                    variables, info = run(methods.get(method_name, **ov))
-                    s = scores(variables)
-                    row["steps"] = info["steps"]
+            if method_name == "ssd":
+                kw = dict(alpha=setting["alpha"], lam=setting["lam"])
+                params = dampen(original["params"], exposed["i_f"], exposed["i_d"], **kw)
+                s = scores({"params": params, "batch_stats": original["batch_stats"]})
+                mask = selection(exposed["i_f"], exposed["i_d"], alpha=setting["alpha"])
+                row["selected"] = int(sum(np.sum(x) for x in jax.tree.leaves(mask)))
                 row.update(s, score=gap(s))
-            except FloatingPointError as e:  # a diverging setting is a result, not a crash
-                row.update(diverged=str(e)[:200], score=float("inf"))
+            else:
+                variables, info = outs[k]
+                try:
+                    if variables is None:
+                        raise FloatingPointError(info["diverged"])
+                    s = scores(variables)  # raises on non-finite logits
+                    row["steps"] = info["steps"]
+                    row.update(s, score=gap(s))
+                except FloatingPointError as e:  # a diverging setting is a result, not a crash
+                    row.update(diverged=str(e)[:200], score=float("inf"))
             rows.append(row)
             mine.append(row)
             print(json.dumps(row), flush=True)
