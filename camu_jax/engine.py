@@ -14,9 +14,11 @@ because XLA:CPU runs convolutions inside a `while` loop ~10x slower.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -181,6 +183,13 @@ class Engine:
             self.compile_seconds[key] = time.perf_counter() - t
         return self._aot[key], args, self.compile_seconds[key]
 
+    def compile(self, state, shared, member, plan: Plan) -> float:
+        """Compiles (ahead of time, once per signature) the program that runs `plan` on this
+        state, without running it; returns its compile seconds (0 when it was compiled)."""
+        key_count = len(self._aot)
+        _, _, seconds = self._program(state, shared, member, plan)
+        return seconds if len(self._aot) > key_count else 0.0
+
     def memory_per_member(self, state, shared, member, plan: Plan) -> float:
         """Device bytes one member of this population needs, from the compiled program's
         memory analysis (arguments + outputs + temporaries - donated aliases)."""
@@ -332,6 +341,7 @@ def place(
     steps: int | None = None,
     log=print,
     what: str = "",
+    record: bool = True,
 ) -> Placement:
     """The placement of a phase of `count` members on `mesh` (printed, and recorded for
     `Timer.placements`).
@@ -444,7 +454,8 @@ def place(
                         f"{measured[1]:.0f} one per device; " + rule
                     )
     out = Placement(sub, size, count, rule, rates)
-    _placements.append(out.record(what))
+    if record:  # not when compiling ahead (`runner.compile_ahead`)
+        _placements.append(out.record(what))
     if log is not None:
         log(out.describe(what))
     return out
@@ -567,13 +578,25 @@ def pad_members(items: list, size: int) -> list:
 
 
 class Timer:
-    """Wall seconds of a phase, and the compile seconds and compiled programs JAX reported
-    inside it."""
+    """Wall seconds of a phase, and what JAX compiled inside it: the compile seconds, the
+    programs XLA compiled and those loaded from the persistent compilation cache.
+
+    A program is built once per process and shape (JAX keeps it in memory); building it either
+    compiles it with XLA (what users wait for) or, when `jax_compilation_cache_dir` holds it,
+    loads the compiled executable from that persistent cache (a fraction of the time).
+
+    Compilations are counted per scope (`compile_scope`): a timer counts those of the scope
+    of the thread that made it, so programs compiled ahead in another thread
+    (`runner.compile_ahead`) are not counted in the phase that runs meanwhile."""
 
     def __init__(self):
         self.t0 = time.perf_counter()
-        self.compile0 = compile_seconds()
-        self.programs0 = dict(_programs)
+        self.ledger = _ledger()
+        self.compile0 = self.ledger.total
+        self.programs0 = dict(self.ledger.programs)
+        self.compiled0 = dict(self.ledger.compiled)
+        self.loaded0 = dict(self.ledger.loaded)
+        self.backend0 = dict(self.ledger.backend)
         self.placements0 = len(_placements)
 
     @property
@@ -582,7 +605,9 @@ class Timer:
 
     @property
     def compile_seconds(self) -> float:
-        return compile_seconds() - self.compile0
+        """Seconds spent tracing, lowering and building programs (compiling or loading them),
+        as JAX's compile events report them."""
+        return self.ledger.total - self.compile0
 
     @property
     def placements(self) -> list[dict]:
@@ -591,37 +616,147 @@ class Timer:
 
     @property
     def programs(self) -> dict[str, int]:
-        """`{program name: XLA compilations}` since the timer started (a persistent-cache hit
-        counts: it replaces a compilation)."""
+        """`{program name: programs built}` since the timer started: compiled by XLA or loaded
+        from the persistent compilation cache (kept for compatibility: the sum of
+        `compiled_programs` and `loaded_programs`)."""
+        return _since(self.ledger.programs, self.programs0)
+
+    @property
+    def compiled_programs(self) -> dict[str, int]:
+        """`{program name: XLA compilations}` since the timer started (cache loads apart)."""
+        return _since(self.ledger.compiled, self.compiled0)
+
+    @property
+    def loaded_programs(self) -> dict[str, int]:
+        """`{program name: loads from the persistent compilation cache}` since the timer
+        started."""
+        return _since(self.ledger.loaded, self.loaded0)
+
+    @property
+    def xla_compile_seconds(self) -> float:
+        """Seconds of the XLA compilations since the timer started (JAX's backend-compile
+        events of the programs not found in the persistent cache, cache look-up included)."""
+        return self.ledger.backend["compiled"] - self.backend0["compiled"]
+
+    @property
+    def cache_load_seconds(self) -> float:
+        """Seconds of the persistent-cache loads since the timer started (JAX's backend-compile
+        events of the programs found in the cache: key, read, deserialisation)."""
+        return self.ledger.backend["loaded"] - self.backend0["loaded"]
+
+    def compile_record(self) -> dict:
+        """The compile fields of results.json's phase records (`programs_compiled`: XLA
+        compilations, what users wait for; `programs_loaded`: persistent-cache loads;
+        `compile_seconds` includes tracing and lowering, `xla_compile_seconds` and
+        `cache_load_seconds` are the backend part of each kind; `programs`: per name)."""
+        compiled, loaded = self.compiled_programs, self.loaded_programs
         return {
-            k: n - self.programs0.get(k, 0)
-            for k, n in _programs.items()
-            if n > self.programs0.get(k, 0)
+            "compile_seconds": self.compile_seconds,
+            "xla_compile_seconds": self.xla_compile_seconds,
+            "cache_load_seconds": self.cache_load_seconds,
+            "programs_compiled": sum(compiled.values()),
+            "programs_loaded": sum(loaded.values()),
+            "programs": {"compiled": compiled, "loaded": loaded},
         }
 
 
+def sum_compile_records(records: Sequence[dict]) -> dict:
+    """`Timer.compile_record`s of several timers (a phase timed in pieces) added up."""
+    out = {
+        "compile_seconds": 0.0,
+        "xla_compile_seconds": 0.0,
+        "cache_load_seconds": 0.0,
+        "programs_compiled": 0,
+        "programs_loaded": 0,
+        "programs": {"compiled": {}, "loaded": {}},
+    }
+    for r in records:
+        for k in ("compile_seconds", "xla_compile_seconds", "cache_load_seconds"):
+            out[k] += r[k]
+        for k in ("programs_compiled", "programs_loaded"):
+            out[k] += r[k]
+        for kind, names in r["programs"].items():
+            into = out["programs"][kind]
+            for name, n in names.items():
+                into[name] = into.get(name, 0) + n
+    return out
+
+
+def _since(counts: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in counts.items() if n > before.get(k, 0)}
+
+
+# JAX's monitoring events (the same names in jax 0.10.2 to 0.12.x). Every program JAX builds
+# emits one backend-compile duration (`fun_name`: the program), around
+# `jax._src.compiler.compile_or_get_cached`; inside it, on the same thread, a persistent-cache
+# hit emits the cache-hit event, and a miss compiles with XLA (the cache-miss event is only
+# emitted when the entry is written, so it does not mark every miss). Events arrive on the
+# thread that compiles, so each is booked to that thread's scope.
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     "/jax/core/compile/backend_compile_duration",
 )
-_compile_total = [0.0]
-_programs: dict[str, int] = {}
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+
+
+class _Ledger:
+    """What JAX compiled in one scope."""
+
+    def __init__(self):
+        self.total = 0.0
+        self.programs: dict[str, int] = {}  # built: compiled or loaded
+        self.compiled: dict[str, int] = {}  # compiled by XLA
+        self.loaded: dict[str, int] = {}  # loaded from the persistent compilation cache
+        self.backend = {"compiled": 0.0, "loaded": 0.0}
+
+
+_ledgers: dict[str, _Ledger] = {}
+_thread = threading.local()  # `scope`; `pending`: a cache hit not yet claimed by its program
 _listening = [False]
+
+
+def _ledger(scope: str | None = None) -> _Ledger:
+    compile_seconds()  # listening from the first timer on
+    scope = getattr(_thread, "scope", "main") if scope is None else scope
+    return _ledgers.setdefault(scope, _Ledger())
+
+
+@contextlib.contextmanager
+def compile_scope(name: str):
+    """Books this thread's compilations to scope `name` (default scope: "main")."""
+    before = getattr(_thread, "scope", "main")
+    _thread.scope = name
+    try:
+        yield
+    finally:
+        _thread.scope = before
 
 
 def _listener(event: str, duration: float, **kwargs) -> None:
     if event in _COMPILE_EVENTS:
-        _compile_total[0] += duration
+        ledger = _ledgers.setdefault(getattr(_thread, "scope", "main"), _Ledger())
+        ledger.total += duration
         if event == _COMPILE_EVENTS[2]:
             name = str(kwargs.get("fun_name", "?"))
-            _programs[name] = _programs.get(name, 0) + 1
+            ledger.programs[name] = ledger.programs.get(name, 0) + 1
+            loaded = getattr(_thread, "pending", False)
+            _thread.pending = False
+            counts, kind = (ledger.loaded, "loaded") if loaded else (ledger.compiled, "compiled")
+            counts[name] = counts.get(name, 0) + 1
+            ledger.backend[kind] += duration
+
+
+def _event_listener(event: str, **kwargs) -> None:
+    if event == _CACHE_HIT_EVENT:
+        _thread.pending = True
 
 
 def compile_seconds() -> float:
-    """Seconds this process has spent tracing, lowering and compiling (JAX's own compile
-    events; a persistent-cache hit counts its retrieval only)."""
+    """Seconds this thread's scope (`compile_scope`) has spent tracing, lowering and compiling
+    (JAX's own compile events; a persistent-cache hit counts its retrieval only)."""
     if not _listening[0]:
         jax.monitoring.register_event_duration_secs_listener(_listener)
+        jax.monitoring.register_event_listener(_event_listener)
         _listening[0] = True
-    return _compile_total[0]
+    return _ledgers.setdefault(getattr(_thread, "scope", "main"), _Ledger()).total

@@ -364,6 +364,57 @@ def _probe(phase: Phase, engines, pending: list[_Run], data: DeviceData, size: i
     return need, *engines[k].step_seconds(state, shared, member, part)
 
 
+def compile_ahead(
+    phase: Phase,
+    members: Sequence[Member],
+    data: DeviceData,
+    *,
+    population_size: int | None = None,
+) -> dict:
+    """Compiles every program `run` will run for this phase (each stage's state init and
+    step, for the placement it will choose) without running a step; returns what it compiled
+    (`{'seconds', **Timer.compile_record()}` of the calling thread's compile scope).
+
+    Meant for a thread started before the phase (`engine.compile_scope`): the members'
+    variables may be stand-ins of the right shapes and dtypes (initial variables: the models
+    the phase starts from need not exist yet), since programs depend on shapes only; the
+    phase then finds its programs compiled. The placement is chosen as `run` chooses it but
+    without timed probes (timings taken beside a running phase mean nothing): where `run`
+    times its probe (the per-step loop of a CPU) it may choose another layout, and compile
+    that; on accelerators (scanned chunks) it chooses this one."""
+    timer = engine.Timer()
+    runs = [_Run(i, m) for i, m in enumerate(members)]
+
+    def engines_on(mesh):
+        return [engine_for(s, mesh, phase.use_scan) for s in phase.stages]
+
+    def probe(mesh, size, timed):
+        return _probe(phase, engines_on(mesh), runs, data.on(mesh), size, False)
+
+    placement = engine.place(
+        population_size,
+        len(runs),
+        data.mesh,
+        probe,
+        steps=sum(_remaining_steps(phase, r) for r in runs),
+        log=None,
+        what=phase.name,
+        record=False,
+    )
+    placed = data.on(placement.mesh)
+    engines = engines_on(placed.mesh)
+    wave = engine.pad_members(runs[: placement.size], placement.size)
+    member = phase.member_data([r.index for r in wave], placed)
+    state = engine.stack([r.member.variables for r in wave])
+    shared = (placed.images, placed.labels)
+    for stage, e in zip(phase.stages, engines, strict=True):
+        state = e.init(state)
+        plan = engine.stack_plans([stage.plan(r.index, 0) for r in wave])
+        part = {key: v[:, : stage.chunk] for key, v in engine.pad_steps(plan, stage.chunk).items()}
+        e.compile(state, shared, member, part)
+    return {"seconds": timer.seconds, **timer.compile_record()}
+
+
 def _shows(progress: bool) -> bool:
     """Progress bars: on process 0 only, which reports for the whole job."""
     return progress and jax.process_index() == 0

@@ -21,6 +21,7 @@ placements) and `method_configs` (the settings used).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -94,6 +95,7 @@ class _Study:
     population_size: int | None
     store: Store | None
     progress: bool
+    use_scan: bool | None = None
 
     def meta(self, kind: str, seed: int, extra: dict | None = None) -> dict:
         """The identity of a trained model: every setting that changes its weights."""
@@ -140,6 +142,7 @@ class _Study:
             names=[f"{kind} {n}" for n in names],
             population_size=self.population_size,
             progress=self.progress,
+            use_scan=self.use_scan,
             desc=kind,
             **self.checkpoints(kind, names, metas),
         )
@@ -165,52 +168,162 @@ class _Study:
             [{"split": d} for d in digests],
         )
 
-    def unlearn(self, method: Method, originals: dict, on_divergence: str):
+    def unlearn(
+        self,
+        group: list[Method],
+        labels: list[str],
+        originals: dict,
+        on_divergence: str,
+        compile_only: bool = False,
+    ):
+        """Every point of a method's sweep (`group`, one config per point) on every run from
+        `originals[seed]` (variables): `{label: [(variables, info) per run]}`. Points that
+        differ only in data settings (`Method.static_settings`) run as members of one
+        population, on one program. `compile_only`: compile what it would run (`originals`
+        may be stand-ins) and return `{"records": [compile record per program group]}`."""
         runs = self.runs
-        metas = [
-            self.meta(
-                method.name,
-                r.seed,
-                {
-                    "split": digest(r.splits),
-                    "run": r.name,
-                    "method_config": dataclasses.asdict(method),
-                },
+        out: dict[str, list] = {}
+        by_program: dict = {}
+        for config, label in zip(group, labels, strict=True):
+            by_program.setdefault(config.skeleton(), []).append((config, label))
+        for points in by_program.values():
+            members = [(config, label, r) for config, label in points for r in runs]
+            metas = [
+                self.meta(
+                    config.name,
+                    r.seed,
+                    {
+                        "split": digest(r.splits),
+                        "run": r.name,
+                        "method_config": dataclasses.asdict(config),
+                    },
+                )
+                for config, _, r in members
+            ]
+            folder = f"{UNLEARNING}/{group[0].name}"
+            checkpoints = (
+                {}
+                if compile_only
+                else self.checkpoints(group[0].name, [r.name for _, _, r in members], metas, folder)
             )
-            for r in runs
-        ]
-        folder = f"{UNLEARNING}/{method.name}"
-        return run_population(
-            method,
-            self.model,
-            [originals[r.seed][0] for r in runs],
-            data=self.train,
-            splits=[r.splits for r in runs],
-            seeds=[r.seed for r in runs],
-            num_classes=self.num_classes,
-            names=[f"{method.name} {r.name}" for r in runs],
-            population_size=self.population_size,
-            progress=self.progress,
-            on_divergence=on_divergence,
-            **self.checkpoints(method.name, [r.name for r in runs], metas, folder),
-        )
+            results = run_population(
+                [config for config, _, _ in members],
+                self.model,
+                [originals[r.seed] for _, _, r in members],
+                data=self.train,
+                splits=[r.splits for _, _, r in members],
+                seeds=[r.seed for _, _, r in members],
+                num_classes=self.num_classes,
+                names=[f"{label} {r.name}" for _, label, r in members],
+                population_size=self.population_size,
+                progress=self.progress,
+                on_divergence=on_divergence,
+                use_scan=self.use_scan,
+                compile_only=compile_only,
+                **checkpoints,
+            )
+            if compile_only:
+                out.setdefault("records", []).append(results)
+                continue
+            for (_, label, _), result in zip(members, results, strict=True):
+                out.setdefault(label, []).append(result)
+        return out
 
     def save_unlearned(self, run: Run, method: str, variables: dict) -> None:
         if self.store is None:
             return
         checkpointing.save_next(
-            Path(self.store.root) / method / f"{self.store.prefix}-{run.name}",
+            Path(self.store.root) / folder_name(method) / f"{self.store.prefix}-{run.name}",
             variables,
             self.meta(method, run.seed, {"split": digest(run.splits), "run": run.name}),
         )
+
+
+class _CompileAhead:
+    """Compiles each method phase's programs in one background thread (`engine.compile_scope`
+    "ahead": not counted in the phase running meanwhile), on stand-ins of the originals
+    (their initial variables: the same shapes); `wait(name)` returns what was compiled for
+    method `name` (None when nothing was), once it is done."""
+
+    def __init__(self, s: _Study, groups, labels, on_divergence, enabled, log):
+        if enabled is None:
+            scans = engine.default_use_scan() if s.use_scan is None else s.use_scan
+            enabled = scans and jax.process_count() == 1
+        self.log, self.futures, self.pool = log, {}, None
+        if not enabled:
+            return
+        shape = s.train.input_shape
+        stand_ins = {
+            seed: init_variables(s.model, jax.random.key(seed), shape)
+            for seed in sorted({r.seed for r in s.runs})
+        }
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="camu-compile")
+        for group, group_labels in zip(groups, labels, strict=True):
+
+            def job(group=group, group_labels=group_labels):
+                with engine.compile_scope(f"ahead {group[0].name}"):
+                    out = s.unlearn(
+                        group, group_labels, stand_ins, on_divergence, compile_only=True
+                    )
+                records = out["records"]
+                return {
+                    "seconds": sum(r["seconds"] for r in records),
+                    **engine.sum_compile_records(records),
+                }
+
+            self.futures[group[0].name] = self.pool.submit(job)
+
+    def wait(self, name: str) -> dict | None:
+        future = self.futures.pop(name, None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception as e:  # the phase compiles its programs itself
+            self.log(f"warning: compiling {name} ahead failed ({type(e).__name__}: {e})")
+            return None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def point_labels(group: Sequence[Method]) -> list[str]:
+    """The row names of a method's sweep: its name for one config, else `name[field=value,
+    ...]` naming the settings in which the points differ (nested configs' fields by their
+    own names, as `--set` spells them)."""
+    name = group[0].name
+    if len(group) == 1:
+        return [name]
+    flat = [_flat(dataclasses.asdict(c)) for c in group]
+    differ = [k for k in flat[0] if len({repr(f[k]) for f in flat}) > 1]
+    labels = [f"{name}[{','.join(f'{k}={f[k]!r}' for k in differ)}]" for f in flat]
+    if len(set(labels)) != len(labels):
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        raise ValueError(f"{name}: the sweep holds the same settings twice ({', '.join(twice)})")
+    return labels
+
+
+def folder_name(label: str) -> str:
+    """A row's checkpoint folder: `ft[learning_rate=0.1,momentum=0.9]` ->
+    `ft@learning_rate=0.1+momentum=0.9` (no glob characters: Orbax globs below it)."""
+    return label.replace("[", "@").replace("]", "").replace(",", "+")
+
+
+def _flat(tree: dict) -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v) if isinstance(v, dict) else {k: v})
+    return out
 
 
 def _phase(name: str, timer: engine.Timer, members: int, **extra) -> dict:
     return {
         "phase": name,
         "seconds": timer.seconds,
-        "compile_seconds": timer.compile_seconds,
-        "programs_compiled": sum(timer.programs.values()),
+        # programs_compiled: XLA compilations (what users wait for); programs_loaded: programs
+        # loaded from the persistent compilation cache; their seconds and names apart.
+        **timer.compile_record(),
         "members": members,
         # How each program of the phase was laid out on the devices (`engine.place`).
         "placement": timer.placements,
@@ -224,7 +337,7 @@ def run_study(
     train: DeviceData,
     test: DeviceData,
     runs: Sequence[Run],
-    methods: Sequence[Method],
+    methods: Sequence[Method | Sequence[Method]],
     train_config: TrainConfig,
     num_classes: int,
     relearning: RelearnConfig | None = None,
@@ -234,26 +347,57 @@ def run_study(
     store: Store | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    compile_ahead: bool | None = None,
+    use_scan: bool | None = None,
 ) -> dict:
     """Runs the study (module docstring) and returns its record `{'runs', 'summary',
     'phases', 'method_configs'}`.
 
     runs: the (seed, forget set) runs; every method runs once per run, from the original
-      of the run's seed. methods: method configs (`camu_jax.methods.get(name, **settings)`).
+      of the run's seed. methods: method configs (`camu_jax.methods.get(name, **settings)`),
+      or for a sweep a list of one method's configs: every point runs on every run (points
+      that differ only in data settings as one population, one compile) and is one row,
+      named by `point_labels` (`ft[learning_rate=0.01]`).
     relearning: the relearning check's config (None: no check).
     on_divergence: "record" (a diverged run's cells say so, the study goes on) or "raise".
     store: where models are checkpointed and restored (None: nothing is written).
     log: notes and warnings (None: silent); on process 0 only.
+    compile_ahead: compile every method phase's programs in a background thread from the
+      study's start (on stand-ins of the originals: programs depend on shapes only), so that
+      a phase finds them compiled; each phase records what was compiled for it ahead
+      (`compiled_ahead`). Default: where the engine scans chunks (accelerators, whose host
+      cores are idle while the device trains) and in one process; off on a CPU, where the
+      thread would take cores from training and the layout is chosen by timing.
+    use_scan: scanned chunks or one call per step (default: the engine's, by backend).
     """
     if on_divergence not in ("record", "raise"):
         raise ValueError(f"on_divergence must be 'record' or 'raise', got {on_divergence!r}")
-    names = [m.name for m in methods]
+    groups = [[m] if isinstance(m, Method) else list(m) for m in methods]
+    for group in groups:
+        if not group or any(c.name != group[0].name for c in group):
+            raise ValueError(f"a sweep holds configs of one method, got {group}")
+    names = [g[0].name for g in groups]
     if twice := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"methods {names} name {', '.join(twice)} more than once")
+    labels = [point_labels(g) for g in groups]
+    configs = {
+        label: c
+        for g, ls in zip(groups, labels, strict=True)
+        for c, label in zip(g, ls, strict=True)
+    }
     log = log if (log is not None and jax.process_index() == 0) else (lambda *_: None)
     runs = list(runs)
     s = _Study(
-        model, train, test, runs, train_config, num_classes, population_size, store, progress
+        model,
+        train,
+        test,
+        runs,
+        train_config,
+        num_classes,
+        population_size,
+        store,
+        progress,
+        use_scan,
     )
     record = on_divergence == "record"
     inapplicable = []
@@ -270,7 +414,7 @@ def run_study(
             log(f"note: {attack} not applicable ({where}): {why}")
 
     phases, pending, eval_placements = [], {}, []
-    eval_time = {"seconds": 0.0, "compile_seconds": 0.0, "programs_compiled": 0}
+    eval_time = {"seconds": 0.0, "compile": []}  # the evaluation phase's time, in pieces
     # {method: {run index: why}}: models whose loss, parameters or logits turned non-finite;
     # their cells say so and they are neither saved nor relearned.
     diverged: dict[str, dict[int, str]] = {}
@@ -296,117 +440,136 @@ def run_study(
         for i, why in pending[method].unscored.items():
             diverged.setdefault(method, {}).setdefault(i, why)
         eval_time["seconds"] += timer.seconds
-        eval_time["compile_seconds"] += timer.compile_seconds
-        eval_time["programs_compiled"] += sum(timer.programs.values())
+        eval_time["compile"].append(timer.compile_record())
         eval_placements.extend(timer.placements)
 
-    timer = engine.Timer()
-    originals = s.originals()
-    restored = all(info["epochs_run"] == 0 for _, info in originals.values())
-    phases.append(_phase("original", timer, len(originals), restored=restored))
-    models = {"original": [originals[r.seed][0] for r in runs]}
-    seconds = {"original": [originals[r.seed][1]["seconds"] for r in runs]}
-    submit("original", models["original"])
-
-    timer = engine.Timer()
-    retrains = s.retrains()
-    restored = all(info["epochs_run"] == 0 for _, info in retrains)
-    phases.append(_phase("retrain", timer, len(runs), restored=restored))
-    models["retrain"] = [v for v, _ in retrains]
-    seconds["retrain"] = [info["seconds"] for _, info in retrains]
-    submit("retrain", models["retrain"])
-
-    infos = {}
-    for method in methods:
-        name = method.name
+    # The method phases' programs compile in a background thread from here on (on
+    # accelerators), while the originals and retrains train.
+    ahead = _CompileAhead(s, groups, labels, on_divergence, compile_ahead, log)
+    try:
         timer = engine.Timer()
-        out = s.unlearn(method, originals, on_divergence)
-        resumed = sum(info["resumed_from"] > 0 for _, info in out)
-        phases.append(_phase(name, timer, len(runs), resumed_members=resumed))
-        infos[name] = [info for _, info in out]
-        seconds[name] = [info["seconds"] for info in infos[name]]
-        for i, info in enumerate(infos[name]):
-            if "diverged" in info:
-                diverged.setdefault(name, {})[i] = info["diverged"]
-        models[name] = [v for v, _ in out]
-        submit(name, models[name])
-        for i, why in diverged.get(name, {}).items():
-            models[name][i] = None
-            log(f"warning: {name} diverged on {runs[i].name or i}: {why}; reported as diverged")
-        # Saved once evaluation has shown finite outputs: finite but huge weights (a far too
-        # high learning rate) pass every check during unlearning.
-        for run, variables in zip(runs, models[name], strict=True):
-            if variables is not None:
-                s.save_unlearned(run, name, variables)
-    order = (*BASELINES, *names)
+        originals = s.originals()
+        restored = all(info["epochs_run"] == 0 for _, info in originals.values())
+        phases.append(_phase("original", timer, len(originals), restored=restored))
+        models = {"original": [originals[r.seed][0] for r in runs]}
+        seconds = {"original": [originals[r.seed][1]["seconds"] for r in runs]}
+        submit("original", models["original"])
 
-    curves = {}
-    relearned = (*names, "retrain")
-    if relearning is not None:
         timer = engine.Timer()
-        which = [(m, i) for m in relearned for i in range(len(runs)) if models[m][i] is not None]
-        out = relearn(
-            model,
-            [models[m][i] for m, i in which],
-            data=train,
-            splits=[runs[i].splits for _, i in which],
-            seeds=[runs[i].seed for _, i in which],
-            config=relearning,
-            names=[f"relearn {m} {runs[i].name}" for m, i in which],
-            population_size=population_size,
-            progress=progress,
-        )
-        curves = dict(zip(which, out, strict=True))
-        phases.append(_phase("relearn", timer, len(which)))
+        retrains = s.retrains()
+        restored = all(info["epochs_run"] == 0 for _, info in retrains)
+        phases.append(_phase("retrain", timer, len(runs), restored=restored))
+        models["retrain"] = [v for v, _ in retrains]
+        seconds["retrain"] = [info["seconds"] for _, info in retrains]
+        submit("retrain", models["retrain"])
 
-    timer = engine.Timer()
-    scores = {m: pending[m].result() for m in order}
-    phases.append(
-        {
-            "phase": "evaluation",
-            "seconds": eval_time["seconds"] + timer.seconds,
-            "compile_seconds": eval_time["compile_seconds"] + timer.compile_seconds,
-            "programs_compiled": eval_time["programs_compiled"] + sum(timer.programs.values()),
-            "members": len(order) * len(runs),
-            "placement": eval_placements,
-            "note": "forward passes, plus the wait for attacks still running at the end; "
-            "the rest of the attack fitting overlapped the later phases",
-        }
-    )
-    out_runs = []
-    for i, run in enumerate(runs):
-        entries = {
-            m: (
-                {"diverged": diverged[m][i], "seconds": seconds[m][i]}
-                if scores[m][i] is None
-                else {**scores[m][i], "seconds": seconds[m][i]}
+        infos = {}
+        for group, group_labels in zip(groups, labels, strict=True):
+            name = group[0].name
+            compiled_ahead = ahead.wait(name)  # before the timer: not this phase's work
+            timer = engine.Timer()
+            out = s.unlearn(
+                group, group_labels, {k: v for k, (v, _) in originals.items()}, on_divergence
             )
-            for m in order
-        }
-        metrics.add_gaps(entries)
-        for name, info in infos.items():
-            entries[name]["construct_seconds"] = info[i]["construct_seconds"]
-            entries[name]["compile_seconds"] = info[i]["compile_seconds"]
-        classes = run.classes
-        entry = {
-            "forget_class": classes[0] if classes and len(classes) == 1 else classes,
-            "seed": run.seed,
-            "split_sizes": {**run.splits.sizes(), "test": test.size},
-            "methods": entries,
-        }
-        if inapplicable[i]:
-            entry["not_applicable"] = inapplicable[i]
-        if curves:
-            entry["relearn"] = {m: curves[(m, i)] for m in relearned if (m, i) in curves}
-        out_runs.append(entry)
-    for method, of in diverged.items():
-        log(
-            f"warning: {method} diverged on {len(of)} of {len(runs)} runs "
-            f"({', '.join(runs[i].name or str(i) for i in sorted(of))}); its cells say so"
+            resumed = sum(info["resumed_from"] > 0 for points in out.values() for _, info in points)
+            extra = {"points": len(group)} if len(group) > 1 else {}
+            if compiled_ahead is not None:
+                extra["compiled_ahead"] = compiled_ahead
+            phases.append(
+                _phase(name, timer, len(runs) * len(group), resumed_members=resumed, **extra)
+            )
+            for label in group_labels:
+                infos[label] = [info for _, info in out[label]]
+                seconds[label] = [info["seconds"] for info in infos[label]]
+                for i, info in enumerate(infos[label]):
+                    if "diverged" in info:
+                        diverged.setdefault(label, {})[i] = info["diverged"]
+                models[label] = [v for v, _ in out[label]]
+                submit(label, models[label])
+                for i, why in diverged.get(label, {}).items():
+                    models[label][i] = None
+                    log(
+                        f"warning: {label} diverged on {runs[i].name or i}: {why}; "
+                        "reported as diverged"
+                    )
+                # Saved once evaluation has shown finite outputs: finite but huge weights (a far
+                # too high learning rate) pass every check during unlearning.
+                for run, variables in zip(runs, models[label], strict=True):
+                    if variables is not None:
+                        s.save_unlearned(run, label, variables)
+        names = list(configs)
+        order = (*BASELINES, *names)
+
+        curves = {}
+        relearned = (*names, "retrain")
+        if relearning is not None:
+            timer = engine.Timer()
+            which = [
+                (m, i) for m in relearned for i in range(len(runs)) if models[m][i] is not None
+            ]
+            out = relearn(
+                model,
+                [models[m][i] for m, i in which],
+                data=train,
+                splits=[runs[i].splits for _, i in which],
+                seeds=[runs[i].seed for _, i in which],
+                config=relearning,
+                names=[f"relearn {m} {runs[i].name}" for m, i in which],
+                population_size=population_size,
+                progress=progress,
+            )
+            curves = dict(zip(which, out, strict=True))
+            phases.append(_phase("relearn", timer, len(which)))
+
+        timer = engine.Timer()
+        scores = {m: pending[m].result() for m in order}
+        phases.append(
+            {
+                "phase": "evaluation",
+                "seconds": eval_time["seconds"] + timer.seconds,
+                **engine.sum_compile_records([*eval_time["compile"], timer.compile_record()]),
+                "members": len(order) * len(runs),
+                "placement": eval_placements,
+                "note": "forward passes, plus the wait for attacks still running at the end; "
+                "the rest of the attack fitting overlapped the later phases",
+            }
         )
-    return {
-        "method_configs": {m.name: dataclasses.asdict(m) for m in methods},
-        "runs": out_runs,
-        "summary": summarize(out_runs),
-        "phases": phases,
-    }
+        out_runs = []
+        for i, run in enumerate(runs):
+            entries = {
+                m: (
+                    {"diverged": diverged[m][i], "seconds": seconds[m][i]}
+                    if scores[m][i] is None
+                    else {**scores[m][i], "seconds": seconds[m][i]}
+                )
+                for m in order
+            }
+            metrics.add_gaps(entries)
+            for name, info in infos.items():
+                entries[name]["construct_seconds"] = info[i]["construct_seconds"]
+                entries[name]["compile_seconds"] = info[i]["compile_seconds"]
+            classes = run.classes
+            entry = {
+                "forget_class": classes[0] if classes and len(classes) == 1 else classes,
+                "seed": run.seed,
+                "split_sizes": {**run.splits.sizes(), "test": test.size},
+                "methods": entries,
+            }
+            if inapplicable[i]:
+                entry["not_applicable"] = inapplicable[i]
+            if curves:
+                entry["relearn"] = {m: curves[(m, i)] for m in relearned if (m, i) in curves}
+            out_runs.append(entry)
+        for method, of in diverged.items():
+            log(
+                f"warning: {method} diverged on {len(of)} of {len(runs)} runs "
+                f"({', '.join(runs[i].name or str(i) for i in sorted(of))}); its cells say so"
+            )
+        return {
+            "method_configs": {label: dataclasses.asdict(c) for label, c in configs.items()},
+            "runs": out_runs,
+            "summary": summarize(out_runs),
+            "phases": phases,
+        }
+    finally:
+        ahead.close()

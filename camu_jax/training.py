@@ -124,7 +124,8 @@ def train_population(
     progress: bool = True,
     desc: str = "train",
     on_divergence: str = "raise",
-) -> list[tuple[dict | None, dict]]:
+    compile_only: bool = False,
+) -> list[tuple[dict | None, dict]] | dict:
     """Trains every member (initial `variables[i]`, items `items[i]`, seed `seeds[i]`) with
     `config`, at most `population_size` members at a time (default: the layout `engine.place`
     chooses for the phase), on the one wave runner (`camu_jax.runner`).
@@ -142,6 +143,8 @@ def train_population(
       on_divergence: a member whose loss or parameters turn non-finite raises
         FloatingPointError naming it ("raise"), or gets `variables=None` and the message as
         `info["diverged"]` while the others go on unchanged ("record").
+      compile_only: compile the phase's programs and return what was compiled, without
+        running (`runner.compile_ahead`; `variables` may be stand-ins of the right shapes).
 
     Returns per member `(variables, info)` (`runner.run`'s info: `epochs_run`,
     `resumed_from`, `losses`, `seconds`, `compile_seconds`...); `seconds` is the member's
@@ -188,6 +191,8 @@ def train_population(
         use_scan=use_scan,
         progress=progress,
     )
+    if compile_only:
+        return runner.compile_ahead(phase, members, data, population_size=population_size)
     return runner.run(phase, members, data, population_size=population_size)
 
 

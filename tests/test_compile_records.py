@@ -1,0 +1,147 @@
+"""What was compiled: `engine.Timer` and results.json's phases tell the programs XLA compiled
+from those loaded from the persistent compilation cache (issue 17, item 6)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One process: a fresh persistent cache dir given on the command line, every program cached
+# however small or fast, one tiny jitted function timed.
+TINY = """
+import json, sys
+import jax, jax.numpy as jnp
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from camu_jax import engine
+
+x = jnp.arange(5.0)
+x.block_until_ready()
+timer = engine.Timer()
+
+@jax.jit
+def tiny_program(x):
+    return jnp.sin(x) * 2.0 + 1.0
+
+tiny_program(x).block_until_ready()
+print(json.dumps({**timer.compile_record(), "programs_built": timer.programs}))
+"""
+
+
+def _tiny(cache: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", TINY, str(cache)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+    cache = tmp_path / "xla-cache"
+    first, second = _tiny(cache), _tiny(cache)
+    name = "jit(tiny_program)"
+    assert first["programs"]["compiled"] == {name: 1}, first
+    assert first["programs_compiled"] == 1 and first["programs_loaded"] == 0, first
+    assert first["xla_compile_seconds"] > 0 and first["cache_load_seconds"] == 0
+    assert second["programs"]["loaded"] == {name: 1}, second
+    assert second["programs_compiled"] == 0 and second["programs_loaded"] == 1, second
+    assert second["xla_compile_seconds"] == 0 and second["cache_load_seconds"] > 0
+    # `Timer.programs` keeps its meaning: every program built, compiled or loaded.
+    assert first["programs_built"] == second["programs_built"] == {name: 1}
+    for r in (first, second):  # tracing and lowering, plus the backend part
+        backend = r["xla_compile_seconds"] + r["cache_load_seconds"]
+        assert r["compile_seconds"] >= backend
+
+
+def test_compile_records_add_up():
+    from camu_jax import engine
+
+    a = {
+        "compile_seconds": 1.0,
+        "xla_compile_seconds": 0.5,
+        "cache_load_seconds": 0.0,
+        "programs_compiled": 2,
+        "programs_loaded": 0,
+        "programs": {"compiled": {"jit(a)": 1, "jit(b)": 1}, "loaded": {}},
+    }
+    b = {
+        "compile_seconds": 0.25,
+        "xla_compile_seconds": 0.0,
+        "cache_load_seconds": 0.125,
+        "programs_compiled": 0,
+        "programs_loaded": 2,
+        "programs": {"compiled": {}, "loaded": {"jit(a)": 2}},
+    }
+    total = engine.sum_compile_records([a, b, a])
+    assert total == {
+        "compile_seconds": 2.25,
+        "xla_compile_seconds": 1.0,
+        "cache_load_seconds": 0.125,
+        "programs_compiled": 4,
+        "programs_loaded": 2,
+        "programs": {"compiled": {"jit(a)": 2, "jit(b)": 2}, "loaded": {"jit(a)": 2}},
+    }
+    assert a["programs"]["compiled"] == {"jit(a)": 1, "jit(b)": 1}  # inputs left alone
+
+
+def _main_job(workdir: Path, cache: Path) -> list[dict]:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.unlearn",
+            "--no-progress",
+            "--original-epochs",
+            "1",
+            "--no-relearn",
+            "--xla-cache",
+            str(cache),
+            "--workdir",
+            str(workdir),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((workdir / "results.json").read_text())["phases"]
+
+
+@pytest.mark.slow
+def test_a_warm_main_job_compiles_nothing(tmp_path):
+    """The main job from an empty cache, then again on that cache (a fresh work dir, so that
+    nothing is restored): the second run loads every program the first compiled, phase by
+    phase, and compiles none."""
+    cache = tmp_path / "xla-cache"
+    cold = _main_job(tmp_path / "cold", cache)
+    warm = _main_job(tmp_path / "warm", cache)
+    assert [p["phase"] for p in cold] == [p["phase"] for p in warm]
+    assert sum(p["programs_compiled"] for p in cold) > 0
+    for c, w in zip(cold, warm, strict=True):
+        where = (w["phase"], w["programs"])
+        assert w["programs_compiled"] == 0 and w["xla_compile_seconds"] == 0, where
+        built = dict(c["programs"]["loaded"])
+        for name, n in c["programs"]["compiled"].items():
+            built[name] = built.get(name, 0) + n
+        assert w["programs"]["loaded"] == built, (where, c["programs"])
+        assert w["programs_loaded"] == sum(built.values())
+        if built:
+            assert w["programs_loaded"] > 0 and w["cache_load_seconds"] > 0, where
+        for p in (c, w):
+            assert p["programs_compiled"] == sum(p["programs"]["compiled"].values())
+    # The phases that build programs on this job (the retrain reuses the original's).
+    assert {p["phase"] for p in warm if p["programs_loaded"]} >= {
+        "original",
+        "camu",
+        "evaluation",
+    }
