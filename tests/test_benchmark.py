@@ -272,3 +272,163 @@ def test_placement_runs_both_modes_and_prints_ratios(monkeypatch, capsys):
     placement.print_placement(r)
     printed = capsys.readouterr().out
     assert "placement.digits_main" in printed and "1.50" in printed
+
+
+def _compile_phase(name, seconds, compile_s, compiled, loaded):
+    return {
+        "phase": name,
+        "seconds": seconds,
+        "compile_seconds": compile_s,
+        "programs_compiled": compiled,
+        "programs_loaded": loaded,
+        "xla_compile_seconds": compile_s if compiled else 0.0,
+        "cache_load_seconds": 0.0 if compiled else compile_s,
+    }
+
+
+def _fake_unlearn(calls):
+    """A stand-in for `compile.run_process`: a cache dir seen before makes a warm run (what the
+    cold run compiled is loaded); a sweep of the tuned method gives one method per point."""
+    from experiments.benchmark import compile as compile_part
+
+    seen = set()
+
+    def run(args, workdir, cache, checkpoints=None, log=print):
+        calls.append((list(args), str(cache), checkpoints is not None))
+        warm = str(cache) in seen
+        seen.add(str(cache))
+        compiled, loaded = (0, 4) if warm else (4, 0)
+        phases = [
+            _compile_phase("original", 4.0, 0.5 if warm else 3.0, compiled, loaded),
+            _compile_phase("evaluation", 2.0, 0.5 if warm else 1.0, compiled, loaded),
+        ]
+        settings = [a for a in args if a.startswith("ft.learning_rate=")]
+        configs, methods = {}, {}
+        if settings:
+            values = [float(v) for v in settings[0].split("=", 1)[1].split(",")]
+            phases.insert(1, _compile_phase("ft", 1.0 + len(values), 0.5, 1, 0))
+            for v in values:
+                name = "ft" if len(values) == 1 else f"ft[learning_rate={v}]"
+                configs[name] = {"learning_rate": v, "epochs": 10}
+                methods[name] = {k: 10 * v for k in compile_part.SCORES}
+        return {
+            "phases": phases,
+            "method_configs": configs,
+            "runs": [{"methods": methods}],
+            "wall_s": sum(p["seconds"] for p in phases) + 1.0,
+        }
+
+    return run
+
+
+def test_compile_job_tables_from_results(monkeypatch, capsys):
+    """`--only compile`'s measures from results.json phases (processes replaced by a fake): cold
+    then warm on one cache, run seconds = phase - compile seconds, the compile share, the tune
+    job's sides, ratios and score differences, the printed tables."""
+    from experiments.benchmark import compile as compile_part
+
+    calls = []
+    monkeypatch.setattr(compile_part, "run_process", _fake_unlearn(calls))
+    settings = {"jobs": ["main", "tune"], "extra": ["--original-epochs", "1"], "grid": [0.1, 0.2]}
+    out, status = compile_part.bench_compile(settings, log=lambda *_: None)
+    assert status == 0
+    main = out["main"]
+    assert calls[0][0] == ["--original-epochs", "1"] and calls[0][1] == calls[1][1]
+    cold, warm = main["cold"]["totals"], main["warm"]["totals"]
+    assert cold == {
+        "wall_s": 7.0,
+        "phases_s": 6.0,
+        "compile_s": 4.0,
+        "run_s": 2.0,
+        "compile_share": pytest.approx(4 / 6),
+        "programs_compiled": 8,
+        "programs_loaded": 0,
+    }
+    assert warm["programs_compiled"] == 0 and warm["programs_loaded"] == 8
+    assert warm["compile_share"] == pytest.approx(1 / 6)
+    assert main["warm"]["phases"][0]["run_s"] == pytest.approx(3.5)
+
+    tune = out["tune"]
+    pop_args, *singles = [c for c in calls[2:]]
+    assert "ft.learning_rate=0.1,0.2" in pop_args[0] and pop_args[2]
+    assert [s[0][s[0].index("--set") + 1] for s in singles] == [
+        "ft.learning_rate=0.1",
+        "ft.learning_rate=0.2",
+    ]
+    assert singles[0][1] == singles[1][1] != pop_args[1]  # the points share one cache
+    assert tune["population"]["processes"] == 1 and tune["one_at_a_time"]["processes"] == 2
+    # population: phases 4 + 3 + 2 = 9 s, ft 3 s; one at a time: 4+2+2, then warm 4+2+2.
+    assert tune["population"]["totals"]["phases_s"] == 9.0
+    assert tune["one_at_a_time"]["totals"]["phases_s"] == 16.0
+    ratio = tune["one_at_a_time_over_population"]
+    assert ratio["phases_s"] == pytest.approx(16 / 9)
+    assert ratio["method_phase_s"] == pytest.approx(4 / 3)
+    assert ratio["wall_s"] == pytest.approx(18 / 10)
+    assert tune["scores"]["max_abs_difference"] == {k: 0.0 for k in compile_part.SCORES}
+
+    compile_part.print_compile(out)
+    printed = capsys.readouterr().out
+    assert "compile.main: python -m experiments.unlearn --original-epochs 1" in printed
+    assert "67 % of the phases' seconds cold, 17 % warm" in printed
+    assert "compile.tune: ft learning_rate grid of 2 points" in printed
+    assert "phases_s 1.78x" in printed and "learning_rate=0.2" in printed
+
+
+def test_compile_tune_is_skipped_where_the_cli_refuses_a_sweep(monkeypatch, capsys):
+    from experiments.benchmark import compile as compile_part
+
+    def refuse(args):
+        raise ValueError("--set ft.learning_rate=0.1,0.2: expected float")
+
+    calls = []
+    monkeypatch.setattr(compile_part, "check_args", refuse)
+    monkeypatch.setattr(compile_part, "run_process", _fake_unlearn(calls))
+    out = compile_part.bench_tune([0.1, 0.2], log=lambda *_: None)
+    assert not calls and "expected float" in out["skipped"]
+    compile_part.print_compile({"tune": out})
+    assert "skipped: the CLI refuses a comma list" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--compile-jobs", "main,nope"], "unknown ['nope']"),
+        (["--compile-args", "--workdir /tmp/x"], "--workdir is set by the benchmark"),
+        (["--compile-args", "--original-epochs 0"], "original epochs"),
+        (["--compile-tune-grid", "0.1"], "two or more values"),
+        (["--compile-tune-grid", "0.1,x"], "expected numbers"),
+    ],
+)
+def test_compile_flags_are_checked_before_anything_runs(tmp_path, capsys, flags, message):
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--out", str(out), "--only", "compile", *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_compile_tune_runs_both_sides(tmp_path):
+    """The tune job for real on its smallest grid (two points, one original epoch): the CLI's
+    sweep as one population, each point as its own process, the same scores."""
+    out = tmp_path / "bench.json"
+    argv = ["--out", str(out), "--only", "compile", "--compile-jobs", "tune"]
+    argv += ["--compile-tune-grid", "0.01,0.02", "--compile-args", "--original-epochs 1"]
+    assert cli.main(argv) == 0
+    tune = json.loads(out.read_text())["compile"]["tune"]
+    if "skipped" in tune:
+        pytest.skip(tune["skipped"])
+    pop, one = tune["population"], tune["one_at_a_time"]
+    assert pop["processes"] == 1 and one["processes"] == 2
+    assert [p["phase"] for p in pop["phases"]] == ["original", "retrain", "ft", "evaluation"]
+    # The second point restores the first one's original and retrained models.
+    assert [p["phase"] for p in one["phases"] if p["process"] == 1][:2] == ["original", "retrain"]
+    assert pop["totals"]["programs_compiled"] > 0 and pop["totals"]["programs_loaded"] == 0
+    assert one["totals"]["programs_loaded"] > 0  # the second process loads the first's programs
+    for r in pop["phases"] + one["phases"]:
+        assert r["run_s"] == pytest.approx(r["seconds"] - r["compile_s"])
+    assert set(tune["scores"]["population"]) == {"0.01", "0.02"}
+    diff = tune["scores"]["max_abs_difference"]
+    assert all(v is not None and v <= 0.5 for v in diff.values()), diff

@@ -2,6 +2,7 @@
 
 python -m experiments.benchmark --out FILE.json [--quick] [--only SECTIONS] [--mnist-dir DIR]
 python -m experiments.benchmark --out FILE.json --only study [--study-dataset mnist ...]
+python -m experiments.benchmark --out FILE.json --only compile [--compile-jobs main,tune ...]
 """
 
 from __future__ import annotations
@@ -13,10 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.benchmark import compile as compile_part
 from experiments.benchmark import study
 from experiments.benchmark.data import DEFAULT_MNIST_DIR, MNIST_SHAPE, PRESETS
 
-SECTIONS = ("step", "end_to_end", "eval", "memory", "wgrad_chunking", "study", "placement")
+SECTIONS = (
+    "step",
+    "end_to_end",
+    "eval",
+    "memory",
+    "wgrad_chunking",
+    "study",
+    "placement",
+    "compile",
+)
 DEFAULT_SECTIONS = "step,end_to_end,eval,memory"
 # Every step benchmark of any backend (`steps.step_configs`); a name absent on this backend is
 # reported as skipped.
@@ -48,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SECTIONS,
         help=f"comma-separated subset of {','.join(SECTIONS)} (default {DEFAULT_SECTIONS}; "
         "wgrad_chunking, an ablation of the CPU weight-gradient chunking, and study, a whole "
-        "study in population and sequential mode, and placement, the default placement against "
-        "one run at a time on the MNIST job, the digits main job and the digits study, run only "
-        "when named)",
+        "study in population and sequential mode, placement, the default placement against "
+        "one run at a time on the MNIST job, the digits main job and the digits study, and "
+        "compile, programs and compile seconds cold and warm per phase of the digits jobs and "
+        "a learning-rate grid as a population against one point at a time, run only when "
+        "named)",
     )
     parser.add_argument(
         "--steps",
@@ -72,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reference_random10, the 20-epoch MNIST reference jobs beside the PyTorch port, run only "
         "when named)",
     )
+    compile_part.add_arguments(parser)
     parser.add_argument("--memory-worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--payload", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=2, help=argparse.SUPPRESS)
@@ -106,6 +120,13 @@ def main(argv=None) -> int:
     if "study" in sections:
         try:
             study_args = study.args_from_cli(args)
+        except ValueError as e:
+            parser.error(str(e))
+
+    compile_settings = None
+    if "compile" in sections:
+        try:
+            compile_settings = compile_part.settings_from_cli(args)
         except ValueError as e:
             parser.error(str(e))
 
@@ -182,6 +203,9 @@ def main(argv=None) -> int:
         from experiments.benchmark.placement import bench_placement
 
         results["placement"] = bench_placement(placement_names, args.mnist_dir)
+    if compile_settings is not None:
+        results["compile"], compile_status = compile_part.bench_compile(compile_settings)
+        status = status or compile_status
 
     results["device"]["loadavg_end"] = list(os.getloadavg())
     results["total_s"] = time.perf_counter() - started
@@ -190,6 +214,9 @@ def main(argv=None) -> int:
     from experiments.benchmark.table import print_table
 
     print()
+    if "compile" in results:
+        compile_part.print_compile(results["compile"])
+        print()
     print_table(results)
     print(f"\nwritten to {args.out}")
     return status
