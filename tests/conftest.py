@@ -61,3 +61,32 @@ def random_images_96():
     images = rng.integers(0, 256, (96, 8, 8, 1)).astype(np.uint8)
     labels = rng.integers(0, 10, 96).astype(np.int32)
     return DeviceData.put(images, labels, spec=InputSpec(), mesh=sharding.make_mesh())
+
+
+@pytest.fixture(scope="session")
+def tiny_unlearning():
+    """96 random 8x8 images, an untrained digits CNN per seed (0, 1) and class 0 forgotten per
+    seed: a few steps per method (`originals[i]`, `splits[i]` of seed i)."""
+    import jax
+    import numpy as np
+
+    from camu_jax import sharding
+    from camu_jax.data.pipeline import DeviceData, InputSpec
+    from camu_jax.data.splits import ForgetSpec, make_splits
+    from camu_jax.models import create_model, init_variables
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (96, 8, 8, 1)).astype(np.uint8)
+    labels = rng.integers(0, 10, 96).astype(np.int32)
+    data = DeviceData.put(images, labels, spec=InputSpec(), mesh=sharding.make_mesh())
+    model = create_model("cnn", num_classes=10)
+    seeds = (0, 1)
+    return dict(
+        model=model,
+        data=data,
+        originals=[init_variables(model, jax.random.key(s), data.input_shape) for s in seeds],
+        splits=[
+            make_splits(labels, ForgetSpec(kind="class", classes=(0,)), seed=s, num_classes=10)
+            for s in seeds
+        ],
+    )

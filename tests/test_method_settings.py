@@ -146,21 +146,10 @@ def test_the_real_command_line_refuses_an_unknown_field():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """96 random 8x8 images, an untrained CNN, class 0 forgotten: a few steps per method."""
-    from camu_jax import sharding
-    from camu_jax.data.pipeline import DeviceData, InputSpec
-    from camu_jax.data.splits import ForgetSpec, make_splits
-    from camu_jax.models import create_model, init_variables
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (96, 8, 8, 1)).astype(np.uint8)
-    labels = rng.integers(0, 10, 96).astype(np.int32)
-    data = DeviceData.put(images, labels, spec=InputSpec(), mesh=sharding.make_mesh())
-    model = create_model("cnn", num_classes=10)
-    original = init_variables(model, jax.random.key(0), data.input_shape)
-    splits = make_splits(labels, ForgetSpec(kind="class", classes=(0,)), seed=0, num_classes=10)
-    return dict(model=model, data=data, original=original, splits=splits)
+def tiny(tiny_unlearning):
+    """The seed-0 run of `tiny_unlearning` (tests/conftest.py)."""
+    t = tiny_unlearning
+    return dict(model=t["model"], data=t["data"], original=t["originals"][0], splits=t["splits"][0])
 
 
 def run(tiny, method):

@@ -50,24 +50,9 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """96 random 8x8 images, an untrained CNN, class 0 forgotten (tests/test_method_settings)."""
-    from camu_jax import sharding
-    from camu_jax.data.pipeline import DeviceData, InputSpec
-    from camu_jax.data.splits import ForgetSpec, make_splits
-    from camu_jax.models import create_model, init_variables
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (96, 8, 8, 1)).astype(np.uint8)
-    labels = rng.integers(0, 10, 96).astype(np.int32)
-    data = DeviceData.put(images, labels, spec=InputSpec(), mesh=sharding.make_mesh())
-    model = create_model("cnn", num_classes=10)
-    originals = [init_variables(model, jax.random.key(s), data.input_shape) for s in SEEDS]
-    splits = [
-        make_splits(labels, ForgetSpec(kind="class", classes=(0,)), seed=s, num_classes=10)
-        for s in SEEDS
-    ]
-    return dict(model=model, data=data, originals=originals, splits=splits)
+def tiny(tiny_unlearning):
+    """Two runs (seeds 0 and 1) of `tiny_unlearning` (tests/conftest.py)."""
+    return tiny_unlearning
 
 
 def population(tiny, configs):
