@@ -120,7 +120,7 @@ def num_logits(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         out, _ = model.init_with_output(key, x, train=False)
         return _check_outputs(model, out)[0]
 
-    return int(jax.eval_shape(init, jax.random.key(0)).shape[-1])
+    return int(jax.eval_shape(lambda: init(jax.random.key(0))).shape[-1])
 
 
 def _check_indices(idx: np.ndarray, n: int, what: str, data_name: str = "data") -> None:

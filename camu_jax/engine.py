@@ -14,9 +14,11 @@ because XLA:CPU runs convolutions inside a `while` loop ~10x slower.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import os
 import threading
 import time
@@ -59,9 +61,10 @@ def all_finite(tree: PyTree) -> jax.Array:
 
 def member_program(fn: Callable, mesh: Mesh) -> Callable:
     """`fn(stacked, *args)` traced with CPU-friendly convolutions when it runs more than one
-    member per CPU device (`layers.patch_matmul_convolutions`); decided at trace time from the
-    member count of `stacked`'s leading axis. `CAMU_POPULATION_CONVS=xla|patch` forces one
-    form wherever more than one member shares a device (for benchmarks)."""
+    member per CPU device (`layers.patch_matmul_convolutions`; one member: each layer's own
+    choice, `layers.patch_form_wins`); decided at trace time from the member count of
+    `stacked`'s leading axis. `CAMU_POPULATION_CONVS=xla|patch` forces one form wherever more
+    than one member shares a device (for benchmarks)."""
 
     @functools.wraps(fn)
     def wrapped(stacked, *args):
@@ -70,9 +73,13 @@ def member_program(fn: Callable, mesh: Mesh) -> Callable:
         choice = os.environ.get("CAMU_POPULATION_CONVS", "auto")
         if choice not in ("auto", "xla", "patch"):
             raise ValueError(f"CAMU_POPULATION_CONVS={choice!r}; allowed: auto, xla, patch")
-        auto = jax.default_backend() == "cpu" and per_device > 1
-        patch = choice == "patch" or (choice == "auto" and auto)
-        with layers.patch_matmul_convolutions(patch and per_device > 1):
+        if per_device <= 1:
+            form = None  # each layer's own choice (`layers.patch_form_wins`)
+        elif choice == "auto":
+            form = True if jax.default_backend() == "cpu" else None
+        else:
+            form = choice == "patch"
+        with layers.patch_matmul_convolutions(form):
             return fn(stacked, *args)
 
     return wrapped
@@ -151,19 +158,23 @@ class Engine:
         # each compile took (a persistent-cache hit takes little): `engine.place` weighs a
         # new layout's compile against what it could save.
         self._aot: dict = {}
+        self._inits: dict = {}
         self.compile_seconds: dict = {}
 
     def compiled_count(self) -> int:
         """How many programs the engine holds (1 each when shapes are stable); for
         compile-once tests."""
-        return self._init._cache_size() + len(self._aot)
+        return len(self._inits) + len(self._aot)
 
     def init(self, variables: PyTree) -> PyTree:
         """The stacked state of stacked `variables` (host arrays, or a previous stage's state
         on device), sharded over the members."""
         if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(variables)):
             variables = sharding.shard_members(variables, self.mesh)
-        return self._init(variables)
+        key = _signature(self._init, (variables,))
+        if key not in self._inits:
+            self._inits[key] = compile_shared(self._init.lower(variables), (variables,))
+        return self._inits[key](variables)
 
     def _program(self, state, shared, member, plan: Plan):
         """`(compiled, args, compile seconds)` of the program that runs `plan`: the scan over
@@ -179,7 +190,7 @@ class Engine:
         key = _signature(fn, args)
         if key not in self._aot:
             t = time.perf_counter()
-            self._aot[key] = fn.lower(*args).compile()
+            self._aot[key] = compile_shared(fn.lower(*args), args)
             self.compile_seconds[key] = time.perf_counter() - t
         return self._aot[key], args, self.compile_seconds[key]
 
@@ -252,6 +263,41 @@ class Engine:
             empty = np.zeros((0, next(iter(plan.values())).shape[0]))
             return state, {"active": empty > 0, "finite": empty > 0, "state_finite": empty > 0}
         return state, {k: np.stack([m[k] for m in out]) for k in out[0]}
+
+
+# Executables by what they compute: the text of the lowered program (its shapes, shardings,
+# donations and constants included) with its argument and result trees. Phases whose programs
+# compute the same thing (the state init of every SGD method, say) share one executable in
+# the process: compiled once, not loaded again from the persistent cache for each phase.
+_SHARED: collections.OrderedDict = collections.OrderedDict()
+_SHARED_LOCK = threading.Lock()
+SHARED_EXECUTABLES = 256  # kept, least recently used dropped first
+
+
+def compile_shared(lowered, args: Any) -> Any:
+    """`lowered.compile()`, or the executable of an identical program compiled before in this
+    process: same lowered text, same result tree, and arguments `args` (those `lowered` was
+    lowered for) of the same tree, shapes, dtypes, shardings and donations. (The arguments
+    count whole: a program leaves out of its text the arguments it does not read, yet its
+    executable checks all of them.)"""
+    text = lowered.as_text()
+    donated = tuple(a.donated for a in jax.tree.leaves(lowered.args_info))
+    key = (
+        hashlib.sha256(text.encode()).hexdigest(),
+        lowered.out_tree,
+        donated,
+        _signature(None, args)[1:],
+    )
+    with _SHARED_LOCK:
+        if key in _SHARED:
+            _SHARED.move_to_end(key)
+            return _SHARED[key]
+    compiled = lowered.compile()
+    with _SHARED_LOCK:
+        _SHARED[key] = compiled
+        while len(_SHARED) > SHARED_EXECUTABLES:
+            _SHARED.popitem(last=False)
+    return compiled
 
 
 def _signature(fn, args) -> tuple:

@@ -20,10 +20,11 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from camu_jax import keys as host_keys
 from camu_jax import sharding
 from camu_jax.counterfactual import counterfactual_inputs
 from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess
-from camu_jax.models import apply_model
+from camu_jax.models import apply_model, layers
 
 # Images per forward call over all members: bounds activation memory while keeping calls few.
 IMAGES_PER_CALL = 32768
@@ -67,7 +68,7 @@ def map_rows(
 
 def zero_keys(members: int) -> np.ndarray:
     """`[members]` key data of `jax.random.key(0)`'s shape, all zero (an unused key)."""
-    return np.zeros((members, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
+    return np.zeros((members, *host_keys.KEY_SHAPE), np.uint32)
 
 
 @functools.lru_cache(maxsize=32)
@@ -79,13 +80,15 @@ def _forward(model: nn.Module, spec: InputSpec, mesh, embedding: bool, augment: 
             jax.random.wrap_key_data(noise_key), item_ids=ids, sample_inputs=x
         )
         x = x + noise_scale * (noisy - x)  # one program for plain and counterfactual inputs
-        logits, emb, _ = apply_model(
-            model, variables["params"], variables["batch_stats"], x, train=False
-        )
+        with layers.patch_matmul_convolutions(False):  # read when traced
+            logits, emb, _ = apply_model(
+                model, variables["params"], variables["batch_stats"], x, train=False
+            )
         return emb if embedding else logits
 
     vmapped = sharding.vmap_members(one, mesh, (0, None, 0, 0, 0, 0, None))
-    # XLA's own convolutions whatever the member count (no `engine.member_program`). XLA still
+    # XLA's own convolutions whatever the member count and layer (not `engine.member_program`'s
+    # forms, nor a single model's `layers.patch_form_wins`). XLA still
     # compiles each member count on its own, so a model's logits differ between counts by
     # float32 rounding (4e-8 on an untrained digits CNN, 1 vs 3 members): accuracies agree
     # unless two logits tie that closely, a fitted attack can move (1 point of MIA there).
@@ -137,7 +140,7 @@ def predict(
         },
         mesh,
     )
-    scale = jnp.float32(0.0 if noise_keys is None else 1.0)
+    scale = np.float32(0.0 if noise_keys is None else 1.0)
     outs = map_rows(
         lambda r, ids: run(variables, data.images, r, ids, keys["aug"], keys["noise"], scale),
         rows,

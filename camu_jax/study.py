@@ -33,6 +33,7 @@ import numpy as np
 from flax import linen as nn
 
 from camu_jax import checkpointing, engine, metrics
+from camu_jax import keys as host_keys
 from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
 from camu_jax.evaluation import evaluate
@@ -134,7 +135,7 @@ class _Study:
         shape = self.train.input_shape
         return train_population(
             self.model,
-            [init_variables(self.model, jax.random.key(s), shape) for s in seeds],
+            [init_variables(self.model, host_keys.key_data(s), shape) for s in seeds],
             data=self.train,
             items=items,
             seeds=seeds,

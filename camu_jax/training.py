@@ -21,6 +21,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from camu_jax import checks, engine, runner, sharding
+from camu_jax import keys as host_keys
 from camu_jax.data.pipeline import (
     DeviceData,
     InputSpec,
@@ -102,7 +103,7 @@ def epoch_plan(n_items: int, batch_size: int, seed: int, epoch: int) -> engine.P
 
 
 def _member_key(seed: int) -> np.ndarray:
-    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+    return host_keys.key_data(seed)
 
 
 def train_population(

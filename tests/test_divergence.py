@@ -54,14 +54,18 @@ def _ft(model, originals, train, splits, **kw):
 
 def test_a_diverged_member_is_recorded_and_leaves_the_other_unchanged(digits):
     data, model, train, test, healthy, huge, splits = digits
-    out = _ft(model, [healthy[0], huge], train, splits, on_divergence="record")
+    # One wave of both (population_size=2), on both sides: the same program (a timed probe
+    # could choose another layout for either).
+    out = _ft(model, [healthy[0], huge], train, splits, on_divergence="record", population_size=2)
     assert out[1][0] is None
     assert out[1][1]["diverged"].startswith("non-finite loss")
     assert "(run b)" in out[1][1]["diverged"]
     assert "diverged" not in out[0][1]
     # Members never mix: member 0 of a population whose other member is healthy runs the same
     # program on the same inputs, so its result is bit-identical.
-    reference = _ft(model, [healthy[0], healthy[1]], train, splits, on_divergence="record")
+    reference = _ft(
+        model, [healthy[0], healthy[1]], train, splits, on_divergence="record", population_size=2
+    )
     for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(reference[0][0]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FloatingPointError, match=r"non-finite loss .*\(run b\)"):

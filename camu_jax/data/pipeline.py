@@ -108,10 +108,12 @@ class DeviceData:
 
     def joined(self, other: DeviceData) -> DeviceData:
         """This split's rows, then `other`'s (same spec and mesh), in one device array."""
-        join = _joiner(self.mesh)
+        images, labels = _joiner(self.mesh)(
+            (self.images, self.labels), (other.images, other.labels)
+        )
         return DeviceData(
-            join(self.images, other.images),
-            join(self.labels, other.labels),
+            images,
+            labels,
             np.concatenate([self.host_labels, other.host_labels]),
             self.spec,
             self.mesh,
@@ -155,7 +157,11 @@ def _class_indices(labels, image_shape: tuple[int, ...]) -> np.ndarray:
 def _joiner(mesh: Mesh):
     from camu_jax import sharding
 
-    return jax.jit(lambda a, b: jnp.concatenate([a, b]), out_shardings=sharding.replicated(mesh))
+    # Images and labels in one program.
+    return jax.jit(
+        lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b),
+        out_shardings=sharding.replicated(mesh),
+    )
 
 
 def _augment_one(key: jax.Array, image: jax.Array) -> jax.Array:

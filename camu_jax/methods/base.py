@@ -29,6 +29,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from camu_jax import checks, engine, runner, sharding
+from camu_jax import keys as host_keys
 from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess, shuffled_batches
 from camu_jax.data.splits import Splits
 
@@ -196,11 +197,8 @@ def settings(batch: dict) -> dict:
 
 def member_keys(seed: int) -> dict[str, np.ndarray]:
     """A run's keys (as key data): counterfactual noise, fixed augmentations, step keys."""
-    noise, aug, step = jax.random.split(jax.random.key(seed), 3)
-    return {
-        f"{k}_key": np.asarray(jax.random.key_data(v))
-        for k, v in zip(("noise", "aug", "step"), (noise, aug, step), strict=True)
-    }
+    split = host_keys.split(host_keys.key_data(seed), 3)  # on the host: no program compiled
+    return {f"{k}_key": v for k, v in zip(("noise", "aug", "step"), split, strict=True)}
 
 
 def stream_batch(method: Method, spec: InputSpec, mesh: Mesh):

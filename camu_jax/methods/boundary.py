@@ -19,6 +19,7 @@ import optax
 from flax import struct
 
 from camu_jax import engine, sharding
+from camu_jax import keys as host_keys
 from camu_jax.data.pipeline import item_keys, preprocess
 from camu_jax.methods.base import Method, Stage, epoch_plan, settings, stream_batch
 from camu_jax.methods.finetune import LossMethod, ce, forward, setting
@@ -60,10 +61,16 @@ def fgsm_labels(model, variables, x, y, *, mean, std, bound):
 
 
 @functools.lru_cache(maxsize=16)
+def _shadow_weights(d: int, std: float):
+    """`[P, d]` initial shadow-unit weights, N(0, std^2), from `[P]` key data: one program."""
+    return jax.jit(jax.vmap(lambda k: std * jax.random.normal(jax.random.wrap_key_data(k), (d,))))
+
+
+@functools.lru_cache(maxsize=16)
 def _fgsm_program(model, spec, mesh, augment: bool):
-    dtype = jnp.result_type(float)
-    mean = jnp.asarray(spec.mean, dtype)
-    std = jnp.asarray(spec.std, dtype)
+    dtype = jax.dtypes.canonicalize_dtype(np.float64)
+    mean = np.asarray(spec.mean, dtype)  # constants of the program (numpy: nothing compiled)
+    std = np.asarray(spec.std, dtype)
 
     def one(variables, images, labels, rows, ids, aug_key, bound):
         keys = item_keys(jax.random.wrap_key_data(aug_key), ids) if augment else None
@@ -97,7 +104,8 @@ def adversarial_labels(model, originals, data, rows, *, bound, aug_keys=None):
         batch=256,
         images_per_call=IMAGES_PER_CALL,
     )
-    return jnp.concatenate(outs, axis=1)[:, :n]
+    # Joined on the host and placed again (a device concatenation is one more program).
+    return sharding.shard_members(np.concatenate(sharding.fetch(outs), axis=1)[:, :n], mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +221,7 @@ class BoundaryExpand(Method):
         return ("momentum",)
 
     def member_arrays(self, ctx):
-        key = jax.random.fold_in(jax.random.key(ctx.seed), _SHADOW_TAG)
-        return {"shadow_key": np.asarray(jax.random.key_data(key))}
+        return {"shadow_key": host_keys.fold_in(host_keys.key_data(ctx.seed), _SHADOW_TAG)}
 
     def prepare(self, model, originals, data, host):
         one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), originals)
@@ -232,8 +239,7 @@ class BoundaryExpand(Method):
                 "first of head_modules to be the layer the embedding feeds"
             )
         std = math.sqrt(2.0 / (d + logits.shape[-1] + 1))
-        keys = jax.random.wrap_key_data(jnp.asarray(host["shadow_key"]))
-        w = jax.vmap(lambda k: std * jax.random.normal(k, (d,)))(keys)
+        w = _shadow_weights(d, std)(np.asarray(host["shadow_key"]))
         shadow = {"w": np.asarray(w), "b": np.zeros(w.shape[0], w.dtype)}
         return {"shadow0": sharding.shard_members(shadow, data.mesh)}
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from camu_jax import keys as host_keys
 from camu_jax import sharding
 from camu_jax.data.pipeline import shuffled_batches
 from camu_jax.methods.base import stream_batch
@@ -78,12 +79,13 @@ class BadTeacher(LossMethod):
             )
 
     def member_arrays(self, ctx):
-        key = jax.random.fold_in(jax.random.key(ctx.seed), _BAD_TAG)
-        return {"bad_teacher_key": np.asarray(jax.random.key_data(key))}
+        return {"bad_teacher_key": host_keys.fold_in(host_keys.key_data(ctx.seed), _BAD_TAG)}
 
     def prepare(self, model, originals, data, host):
-        keys = jax.random.wrap_key_data(jnp.asarray(host["bad_teacher_key"]))
-        bad = jax.vmap(lambda k: init_variables(model, k, data.input_shape))(keys)
+        # Key data in (wrapped inside the program): nothing compiled outside it.
+        bad = jax.vmap(lambda k: init_variables(model, k, data.input_shape))(
+            np.asarray(host["bad_teacher_key"])
+        )
         # Same dtypes as the original (float64 in the equivalence tests).
         bad = jax.tree.map(lambda b, o: np.asarray(b).astype(o.dtype), bad, originals)
         return {"teacher": originals, "bad_teacher": sharding.shard_members(bad, data.mesh)}

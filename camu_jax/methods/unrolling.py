@@ -47,6 +47,7 @@ import numpy as np
 from flax import struct
 
 from camu_jax import engine, losses, sharding
+from camu_jax import keys as host_keys
 from camu_jax.data.pipeline import pad_to_batches
 from camu_jax.methods.base import Method, Stage, settings, stream_batch
 from camu_jax.models import apply_model, init_variables
@@ -81,14 +82,11 @@ class UnrollingSGD(Method):
         return update_scale(self.learning_rate, self.original_epochs, self.batch_size)
 
     def member_arrays(self, ctx):
-        return {"init_key": np.asarray(jax.random.key_data(jax.random.key(ctx.seed)))}
+        return {"init_key": host_keys.key_data(ctx.seed)}
 
     def prepare(self, model, originals, data, host):
         # One call per member, the very call that initialised the original of that seed.
-        initial = [
-            init_variables(model, jax.random.wrap_key_data(k), data.input_shape)
-            for k in np.asarray(host["init_key"])
-        ]
+        initial = [init_variables(model, k, data.input_shape) for k in np.asarray(host["init_key"])]
         initial = jax.tree.map(
             lambda x, o: np.asarray(x).astype(o.dtype), engine.stack(initial), originals
         )

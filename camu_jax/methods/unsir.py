@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from camu_jax import keys as host_keys
 from camu_jax import sharding
 from camu_jax.methods.base import Stage, stream_batch
 from camu_jax.methods.finetune import LossMethod, ce, forward, loss_program, setting
@@ -72,10 +73,9 @@ class Unsir(LossMethod):
         forget_labels = ctx.labels[ctx.forget]
         order = ctx.rng(_NOISE_TAG).permutation(len(forget_labels))
         slots = order[np.arange(self.noise_size) % len(order)]
-        key = jax.random.fold_in(jax.random.key(ctx.seed), _NOISE_TAG)
         return {
             "noise_y": forget_labels[slots].astype(np.int32),
-            "unsir_key": np.asarray(jax.random.key_data(key)),
+            "unsir_key": host_keys.fold_in(host_keys.key_data(ctx.seed), _NOISE_TAG),
         }
 
     def prepare(self, model, originals, data, host):

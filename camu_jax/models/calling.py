@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 PyTree = Any
@@ -89,11 +90,16 @@ def apply_model(
 
 
 def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
-    """`{'params', 'batch_stats'}` for inputs `[batch, *input_shape]` (batch_stats may be {}).
+    """`{'params', 'batch_stats'}` for inputs `[batch, *input_shape]` (batch_stats may be {}),
+    from `key`: a `jax.random.key` or its key data (`uint32[2]`, e.g. `camu_jax.keys.key_data`).
 
     Checks that `model` follows the contract in `camu_jax.models` (TypeError otherwise).
     """
     check_model(model)
+    if jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+        key = jax.random.key_data(key)  # key data in, wrapped inside: one program for both
+    elif not isinstance(key, jax.Array):
+        key = np.asarray(key, np.uint32)
     return _init_fn(model, tuple(input_shape))(key)
 
 
@@ -101,9 +107,9 @@ def init_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...
 def _init_fn(model: nn.Module, input_shape: tuple[int, ...]):
     # One compiled program per model and shape: eagerly, every initializer of every layer
     # would compile on its own (seconds on an accelerator, for each new shape).
-    def init(key):
+    def init(key_data):
         x = jnp.zeros((1, *input_shape), jnp.float32)
-        out, variables = model.init_with_output(key, x, train=False)
+        out, variables = model.init_with_output(jax.random.wrap_key_data(key_data), x, train=False)
         _check_outputs(model, out)
         return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 

@@ -134,13 +134,16 @@ _conv_chunked_wgrad.defvjp(_chunked_fwd, _chunked_bwd)
 # the digits CNN's training step as patch matrix products, 2 CPU devices, 20 members
 # (docs/benchmarks.md). The engine switches to them while it traces a program that runs more
 # than one member per CPU device; a contextvar read at trace time, like WGRAD_CHUNK.
-_PATCH_MATMUL: contextvars.ContextVar[bool] = contextvars.ContextVar("patch_matmul", default=False)
+_PATCH_MATMUL: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "patch_matmul", default=None
+)
 
 
 @contextlib.contextmanager
-def patch_matmul_convolutions(enable: bool = True):
+def patch_matmul_convolutions(enable: bool | None = True):
     """Within this context (at trace time), `conv2d` computes convolutions as products of patch
-    matrices (`im2col`) instead of XLA convolutions: the same values up to rounding."""
+    matrices (`im2col`, True) or as XLA convolutions (False) in every layer: the same values
+    up to rounding. None: each layer's own choice (`patch_form_wins`)."""
     token = _PATCH_MATMUL.set(enable)
     try:
         yield
@@ -162,12 +165,36 @@ def _patch_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> j
     return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
 
 
+def patch_form_wins(x_shape, kernel_shape, stride: int, padding: int) -> bool:
+    """Whether a single model's convolution runs faster on CPU as a patch-matrix product than
+    as XLA's convolution (its recorded model, from the layer shapes; other backends: never).
+
+    XLA:CPU's convolution is slow where the kernel covers most of a small image and where one
+    input channel leaves its inner products one element deep. Measured on a 2-core EPYC,
+    forward and both gradients of a 5x5, padding-2 layer (`experiments/benchmark/convs.py`,
+    docs/benchmarks.md): digits' conv2 (batch 256, 4x4x16 -> 32) 38.0 ms as XLA's convolution
+    against 3.7 ms as patches, its conv1 (8x8x1 -> 16) 2.6 against 2.0 ms, MNIST's conv1
+    (batch 32, 28x28x1 -> 16) 3.4 against 1.9 ms; where the output has more positions than the
+    kernel taps and several input channels, XLA wins (MNIST's conv2, 14x14x16 -> 32: 3.5
+    against 6.3 ms), as it does for every ResNet layer (3x3 kernels). So: patches when the
+    layer has one input channel or at most `kh * kw` output positions."""
+    if jax.default_backend() != "cpu":
+        return False
+    _, h, w, cin = x_shape
+    kh, kw = kernel_shape[:2]
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    return cin == 1 or ho * wo <= kh * kw
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0) -> jax.Array:
     """`[b, h, w, c_in]` x `[kh, kw, c_in, c_out]` convolution with symmetric zero padding (as
-    PyTorch pads). On CPU, stride-1 multi-channel convolutions take their weight gradient in
-    chunks of `WGRAD_CHUNK` examples (see above), and populations use patch matrix products;
-    the values are the same up to rounding."""
-    if _PATCH_MATMUL.get():
+    PyTorch pads). On CPU, populations use patch matrix products, a single model's layers
+    where `patch_form_wins`, and XLA's stride-1 multi-channel convolutions take their weight
+    gradient in chunks of `WGRAD_CHUNK` examples (see above); the values are the same up to
+    rounding."""
+    forced = _PATCH_MATMUL.get()
+    if forced or (forced is None and patch_form_wins(x.shape, kernel.shape, stride, padding)):
         return _patch_conv(x, kernel, stride, padding)
     b = x.shape[0]
     if (

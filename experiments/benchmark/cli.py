@@ -24,6 +24,7 @@ SECTIONS = (
     "eval",
     "memory",
     "wgrad_chunking",
+    "convs",
     "study",
     "placement",
     "compile",
@@ -58,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         default=DEFAULT_SECTIONS,
         help=f"comma-separated subset of {','.join(SECTIONS)} (default {DEFAULT_SECTIONS}; "
-        "wgrad_chunking, an ablation of the CPU weight-gradient chunking, and study, a whole "
-        "study in population and sequential mode, placement, the default placement against "
+        "wgrad_chunking, an ablation of the CPU weight-gradient chunking, convs, each CNN "
+        "layer as XLA's convolution against patch products (the CPU conv-form rule), study, "
+        "a whole study in population and sequential mode, placement, the default placement against "
         "one run at a time on the MNIST job, the digits main job and the digits study, and "
         "compile, programs and compile seconds cold and warm per phase of the digits jobs and "
         "a learning-rate grid as a population against one point at a time, run only when "
@@ -190,6 +192,11 @@ def main(argv=None) -> int:
         if not args.quick:
             configs.append(("resnet18_cifar_b32", "resnet18_cifar", (32, 32, 3), 32, 1))
         results["wgrad_chunking"] = bench_wgrad_chunking(configs, repeats=3 if args.quick else 5)
+    if "convs" in sections:
+        from experiments.benchmark.convs import bench_convs
+
+        print("[benchmark] convs ...", flush=True)
+        results["convs"] = bench_convs(repeats=3 if args.quick else 5, quick=args.quick)
     if "eval" in sections:
         from experiments.benchmark.evaluation import bench_eval
 

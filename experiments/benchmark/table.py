@@ -61,6 +61,16 @@ def _speed_rows(results: dict) -> list[tuple]:
                 f"{r['speedup']:.2f}x (chunked vs plain)",
             )
         )
+    for key, r in results.get("convs", {}).items():
+        rows.append(
+            (
+                f"conv form {key}: xla / patch [ms]",
+                _fmt(r["xla_ms"]),
+                f"patch {_fmt(r['patch_ms'])}",
+                f"{r['xla_over_patch']:.2f}x; rule picks {r['rule_chooses']}"
+                f"{'' if r['rule_right'] else ' (the slower)'}",
+            )
+        )
     if "eval" in results:
         r = results["eval"]
         rows.append(
