@@ -51,6 +51,7 @@ def compare(
     on_divergence: str = "record",
     eval_workers: int | None = None,
     record: bool = False,
+    dataset: str | None = None,
 ) -> list[dict] | dict:
     """Runs original, retrain and `methods` (names of `camu_jax.methods`, or configs) on every
     run (`splits[i]`, `seeds[i]`): the study of the main job (`camu_jax.study.run_study`);
@@ -64,7 +65,9 @@ def compare(
     `camu_jax.study.Store` to checkpoint, resume and reuse models in (default: none, nothing
     is written). Metrics: `evaluation.score`'s, plus `avg_gap` (to Retrain over UA, RA, TA,
     MIA-efficacy), `seconds` and `rte`; a run whose method diverged has `diverged` instead
-    (`on_divergence="record"`; "raise" stops).
+    (`on_divergence="record"`; "raise" stops). `dataset`: a method given by name gets that
+    dataset's defaults (`camu_jax.methods.get(name, dataset=dataset)`; default None: the
+    class defaults, the MNIST CNN's).
     """
     _check_runs(train=train, test=test, splits=splits, seeds=seeds, forget_classes=forget_classes)
     train_config = TrainConfig() if train_config is None else train_config
@@ -77,7 +80,7 @@ def compare(
     checks.check_model_classes(model, ("train", train), ("test", test), num_classes=num_classes)
     if forget_classes is None:
         forget_classes = [_whole_classes(sp, labels) for sp in splits]
-    configs = [registry.get(m) if isinstance(m, str) else m for m in methods]
+    configs = method_configs(methods, dataset)
     runs = [
         Run(seed, sp, None if classes is None else tuple(classes), f"run{i}-seed{seed}")
         for i, (seed, sp, classes) in enumerate(zip(seeds, splits, forget_classes, strict=True))
@@ -99,6 +102,12 @@ def compare(
         log=None,
     )
     return out if record else out["runs"]
+
+
+def method_configs(methods: Sequence, dataset: str | None = None) -> list:
+    """`methods` with every name replaced by its default config for `dataset`
+    (`camu_jax.methods.get(name, dataset=dataset)`); configs and lists of configs as given."""
+    return [registry.get(m, dataset=dataset) if isinstance(m, str) else m for m in methods]
 
 
 def _relearn_config(train_config: TrainConfig) -> RelearnConfig:

@@ -13,7 +13,8 @@ always wins over a preset, and a flag left out never overrides one. `--config ST
 over the file, the file over the defaults and presets.
 
 Method settings: `--set ft.learning_rate=0.05` (repeatable) sets one field of a method's config
-(`camu_jax.methods.get(name)`; CaMU's coefficients flat, `--set camu.rep_sample=0.4`), typed from
+(`camu_jax.methods.get(name, dataset=DATASET)`: the dataset's defaults, which `--set` overrides;
+CaMU's coefficients flat, `--set camu.rep_sample=0.4`), typed from
 the dataclass field. `--set camu.X` and `--camu-X` name the same setting: giving both is an
 error. The resolved config holds every setting of every method of the study (`method_settings`),
 as it holds CaMU's preset (`camu`), so results.json and config.toml record the values used.
@@ -127,7 +128,7 @@ DEFAULT_NOTES = {
     "model": "cnn for MNIST-like data, resnet18 for CIFAR",
     "workdir": "runs/<dataset>-<model>-<scenario>",
     "camu.batch_size": "--batch-size",
-    "method_settings": "each method's defaults, docs/methods.md",
+    "method_settings": "each method's defaults for the dataset, docs/methods.md",
 }
 PRESET_CONFIGS = ("camu",)  # nested configs whose defaults come from a preset
 
@@ -340,7 +341,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         if name != "camu":
             given_settings = settings.get(name, {})
             first = sweep_points(name, given_settings)[0]
-            values = flat_values(apply_settings(methods.get(name), first))
+            base = methods.get(name, dataset=config.dataset)  # the dataset's defaults
+            values = flat_values(apply_settings(base, first))
             values.update({k: v for k, v in given_settings.items() if is_sweep(name, k, v)})
             resolved += [(name, k, v) for k, v in values.items()]
     config = dataclasses.replace(config, method_settings=tuple(resolved))

@@ -1,7 +1,8 @@
 """Experiment configuration: one frozen value, with the reference's presets derived from it.
 
 Every method's settings come from one place: `ExperimentConfig.method_configs()`, the method's
-default config (CaMU's: `camu`, or the reference preset) with the `method_settings` entries
+default config for the study's dataset (`camu_jax.methods.get(name, dataset=...)`; CaMU's:
+`camu`, or the reference preset) with the `method_settings` entries
 `(method, field, value)` applied (`--set METHOD.FIELD=VALUE`; CaMU's coefficients are flat:
 `camu.rep_sample`). A tuple of values on a numeric field is a sweep (`--set
 ft.learning_rate=0.01,0.03,0.1`; several give their product): every point is one config of
@@ -122,10 +123,12 @@ class ExperimentConfig:
     def method_groups(self) -> dict[str, list]:
         """`{name: [config per point]}` of every method of the study: CaMU's from `camu` or
         the preset with `--batch-size` (the reference's CaMU trains with the original's
-        batch), every other method from its default config: its paper's or official code's
-        settings, batch included (`docs/methods.md`), which the tuning of `docs/methods.md`
-        also used; each with its `method_settings` applied, one config per point of its
-        sweeps (one config when it has none)."""
+        batch), every other method from its default config for the study's dataset
+        (`camu_jax.methods.get(name, dataset=self.dataset)`: its paper's or official code's
+        settings or the MNIST CNN's tuned ones, batch included, with the dataset's tuned
+        defaults over them where `camu_jax.methods.defaults` has an entry: `docs/methods.md`);
+        each with its `method_settings` applied (they win over the dataset's defaults), one
+        config per point of its sweeps (one config when it has none)."""
         from camu_jax import methods
 
         out = {}
@@ -133,7 +136,7 @@ class ExperimentConfig:
             if name == "camu":
                 base = self.camu_config()
             else:
-                base = methods.get(name)
+                base = methods.get(name, dataset=self.dataset)
             out[name] = [
                 apply_settings(base, p) for p in sweep_points(name, self.settings_of(name))
             ]
@@ -159,7 +162,9 @@ class ExperimentConfig:
         if name == "camu":
             first = self.camu_config()
         else:
-            first = apply_settings(methods.get(name), sweep_points(name, settings)[0])
+            first = apply_settings(
+                methods.get(name, dataset=self.dataset), sweep_points(name, settings)[0]
+            )
         values = flat_values(first)
         values.update({f: v for f, v in settings.items() if is_sweep(name, f, v)})
         return values

@@ -2,6 +2,8 @@
 
     python -m experiments.tune --dataset mnist --manual-dir ../shared/data/mnist \\
         --out docs/tuning/mnist_class0.json ft ga ssd
+    python -m experiments.tune --dataset digits --original-epochs 20 --seed 0,1,2,3,4 \\
+        --out docs/tuning/digits_class0.json all      # the digits defaults' record
 
 Protocol (docs/methods.md): 10 % of D_r (seeded, `[seed, 10]`) is held out as a validation
 split V; the test set is never used. The original is trained on D \\ V and the retrained model
@@ -9,10 +11,20 @@ on D_r \\ V (same seed and recipe, `--original-epochs`); every setting of a meth
 unlearns the original with D_r \\ V as its remaining set and scores
 `|acc(D_f) - acc_retrain(D_f)| + |acc(V) - acc_retrain(V)|` (percent points); the lowest score
 wins, ties going to the grid's earlier setting (grids list cheaper settings first). A setting
-that diverges scores infinity. One JSON line per setting is printed; `--out` gets them all with
-the reference accuracies, the grids and the choices. A method's grid points that differ only in
-data settings (learning rates, coefficients: `Method.static_settings`) are unlearned as one
-population on one compiled program (`--population-size 1`: one at a time).
+that diverges scores infinity. With several seeds (`--seed 0,1,2`) each seed has its own split,
+original and retrained model, every setting unlearns each seed's original (one population),
+and its score is the mean of its seeds' scores: a choice that holds across originals, not one
+on the knife edge of one (the digits record uses five). One JSON line per setting is
+printed; `--out` gets them all with the reference accuracies, the grids and the choices. A
+method's grid points that differ only in data settings (learning rates, coefficients:
+`Method.static_settings`) are unlearned as one population on one compiled program
+(`--population-size 1`: one at a time).
+
+Grids: `GRIDS` (MNIST's, every dataset without its own) or the dataset's (`DATASET_GRIDS`:
+digits). A grid setting is applied over the method's defaults for `--dataset`
+(`camu_jax.methods.get(name, dataset=...)`: the class defaults, the MNIST CNN's, with the
+dataset's entry of `camu_jax.methods.defaults` over them); the digits grids cover every field
+that entry sets, so its record does not depend on the entry it chose.
 
 SSD's importances do not depend on alpha or lambda: they are computed once and each
 (alpha, lambda) dampens the original with `ssd.dampen`, the function SSD's last stage applies;
@@ -57,6 +69,77 @@ GRIDS = {
         "learning_rate": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 3e-2]
     },
 }
+
+
+# Digits (scikit-learn's 8x8 digits, the main job's default; D_f of a class ~140 images, D_r
+# ~1300), tuned on five seeds (docs/methods.md, "digits"). The MNIST grids above, centred on
+# settings for 6000-image classes, leave most methods at a few steps an epoch (batch 256 over
+# D_f is one step) and change nothing on the digits originals; a first pass on seed 0 over
+# wider grids (docs/tuning/digits_exploration/) found where each method starts to forget, and
+# these grids span that region. Batch sizes and epochs are static settings (one compiled program
+# per combination), learning rates and coefficients data (one population).
+DIGITS_GRIDS = {
+    "ft": {"batch_size": [32, 16], "learning_rate": [0.02, 0.03, 0.05], "epochs": [10, 20]},
+    "ga": {
+        "batch_size": [32, 16],
+        "learning_rate": [0.003, 0.005, 0.007, 0.008, 0.0085, 0.009, 0.01],
+        "epochs": [5, 10],
+    },
+    "neggrad_plus": {
+        "batch_size": [32],
+        "alpha": [0.95, 0.94, 0.92, 0.9],
+        "learning_rate": [0.05, 0.07, 0.1, 0.13],
+        "epochs": [3, 5],
+    },
+    "rl": {"batch_size": [256, 64], "learning_rate": [0.01, 0.03, 0.1], "epochs": [2, 5]},
+    "amnesiac": {"batch_size": [128, 32], "learning_rate": [1e-4, 1e-3, 1e-2], "epochs": [1, 3]},
+    "l1_sparse": {
+        "batch_size": [32],
+        "learning_rate": [0.03, 0.05],
+        "epochs": [10, 20],
+        "gamma": [5e-4, 1e-3, 2e-3, 5e-3],
+    },
+    "salun": {"batch_size": [256, 64], "learning_rate": [0.01, 0.03, 0.1], "epochs": [2, 5]},
+    # The official FGSM step 0.1 flips too few of digits' labels to forget (D_f stays ~80 %);
+    # 0.3 forgets but costs V, hence the steps between.
+    "boundary_shrink": {
+        "batch_size": [64, 16],
+        "learning_rate": [3e-4, 1e-3, 3e-3],
+        "epochs": [1, 3, 10],
+        "bound": [0.1, 0.15, 0.2, 0.25, 0.3],
+    },
+    "boundary_expand": {
+        "batch_size": [64, 32],
+        "learning_rate": [3e-5, 5e-5, 1e-4, 2e-4, 1e-3],
+        "epochs": [1, 5, 10],
+    },
+    "unsir": {
+        "batch_size": [256, 32],
+        "noise_repeats": [20, 2],
+        "lr_scale": [1.0, 0.1, 0.01],
+        "repair_epochs": [1, 5],
+    },
+    "bad_teacher": {"batch_size": [256, 32], "learning_rate": [1e-4, 1e-3, 1e-2], "epochs": [1, 3]},
+    "scrub": {
+        "batch_size": [256, 32],
+        "forget_batch_size": [512, 32],
+        "learning_rate": [5e-4, 1e-3, 2e-3, 3e-3, 5e-3],
+        "epochs": [3, 5],
+    },
+    # MNIST's grid with the steps between alpha 0.1 and 1, where digits' D_f is removed and
+    # V's cost falls fast.
+    "ssd": {
+        "alpha": [0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 50.0],
+        "lam": [0.001, 0.01, 0.1, 1.0],
+    },
+    "unrolling": {"learning_rate": [1e-3, 3e-3, 1e-2, 0.012, 0.015, 0.02, 0.025, 0.03, 0.1]},
+}
+DATASET_GRIDS = {"digits": DIGITS_GRIDS}
+
+
+def grids_for(dataset: str) -> dict:
+    """The grids searched for `dataset`: its own (`DATASET_GRIDS`), else the MNIST `GRIDS`."""
+    return DATASET_GRIDS.get(dataset, GRIDS)
 
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "camu_jax", "tune")
@@ -136,6 +219,17 @@ def overrides(name: str, setting: dict, original_epochs: int) -> dict:
     return kw
 
 
+def seed_list(text: str) -> list[int]:
+    """`--seed 0` or `--seed 0,1,2`: distinct non-negative integers."""
+    try:
+        seeds = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are integers, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds are distinct non-negative integers: {text!r}")
+    return seeds
+
+
 def split_validation(splits, seed: int, fraction: float = 0.1):
     """(splits with D_r \\ V as the remaining set and the sample set's source, V)."""
     import numpy as np
@@ -163,11 +257,22 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("methods", nargs="+", help=f"'all' or any of {', '.join(GRIDS)}")
+    p.add_argument(
+        "methods",
+        nargs="+",
+        help=f"'all' or any of {', '.join(GRIDS)} (digits: DIGITS_GRIDS, others: GRIDS)",
+    )
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--manual-dir", default=None)
     p.add_argument("--forget-class", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=seed_list,
+        default=[0],
+        help="seed, or comma-separated seeds (default: %(default)s): each has its own "
+        "validation split, original and retrained model; a setting's score is the mean of "
+        "its seeds' scores (a setting diverging on any seed scores infinity)",
+    )
     p.add_argument("--original-epochs", type=int, default=5)
     p.add_argument(
         "--cache",
@@ -190,11 +295,11 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        grids = {**GRIDS, **json.loads(args.grid)}
+        grids = {**grids_for(args.dataset), **json.loads(args.grid)}
     except json.JSONDecodeError as e:
         print(f"error: --grid is not JSON ({e}): {args.grid!r}", file=sys.stderr)
         return 2
-    names = list(GRIDS) if args.methods == ["all"] else args.methods
+    names = list(grids_for(args.dataset)) if args.methods == ["all"] else args.methods
     unknown = [m for m in names if m not in grids]
     if unknown:
         print(f"error: no grid for {unknown}; known: {', '.join(grids)}", file=sys.stderr)
@@ -206,7 +311,7 @@ def main(argv=None) -> int:
     from camu_jax import methods, sharding
     from camu_jax.data import DeviceData, input_spec_for, load_dataset
     from camu_jax.data.splits import Splits
-    from camu_jax.methods.ssd import SSD, SSDWithImportances, dampen, selection
+    from camu_jax.methods.ssd import SSDWithImportances, dampen, selection
     from camu_jax.models import create_model, init_variables
     from camu_jax.prediction import predict
     from camu_jax.training import TrainConfig, train_population
@@ -221,81 +326,122 @@ def main(argv=None) -> int:
     labels = np.asarray(d.train_labels)
     forget = np.flatnonzero(labels == args.forget_class)
     full = Splits(forget=forget, remain=np.setdiff1d(np.arange(labels.size), forget), sample=forget)
-    splits, val = split_validation(full, args.seed)
-
-    name = f"{args.dataset}_c{args.forget_class}_s{args.seed}_e{args.original_epochs}.npz"
-    cache = Path(args.cache).expanduser() / name
-    init = init_variables(model, jax.random.key(args.seed), train.input_shape)
-    if cache.exists():
-        try:
-            cached = load_cache(cache, {"original": init, "retrain": init})
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        original, retrain = cached["original"], cached["retrain"]
-    else:
-        out = train_population(
-            model,
-            [init, init],
-            data=train,
-            items=[np.sort(np.concatenate([splits.forget, splits.remain])), splits.remain],
-            seeds=[args.seed, args.seed],
-            config=TrainConfig(epochs=args.original_epochs),
-            progress=False,
+    seeds = args.seed
+    # Per seed: its validation split, original and retrained model (cached), scored rows.
+    per: list[dict] = []
+    for seed in seeds:
+        splits, val = split_validation(full, seed)
+        name = f"{args.dataset}_c{args.forget_class}_s{seed}_e{args.original_epochs}.npz"
+        cache = Path(args.cache).expanduser() / name
+        init = init_variables(model, jax.random.key(seed), train.input_shape)
+        if cache.exists():
+            try:
+                cached = load_cache(cache, {"original": init, "retrain": init})
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            original, retrain = cached["original"], cached["retrain"]
+        else:
+            out = train_population(
+                model,
+                [init, init],
+                data=train,
+                items=[np.sort(np.concatenate([splits.forget, splits.remain])), splits.remain],
+                seeds=[seed, seed],
+                config=TrainConfig(epochs=args.original_epochs),
+                progress=False,
+            )
+            original, retrain = (jax.tree.map(np.asarray, v) for v, _ in out)
+            save_cache(cache, {"original": original, "retrain": retrain})
+        per.append(
+            dict(
+                seed=seed,
+                splits=splits,
+                val=val,
+                original=original,
+                retrain=retrain,
+                rows_fv=np.concatenate([splits.forget, val]),
+            )
         )
-        original, retrain = (jax.tree.map(np.asarray, v) for v, _ in out)
-        save_cache(cache, {"original": original, "retrain": retrain})
 
-    rows_fv = np.concatenate([splits.forget, val])
-
-    def scores(variables) -> dict:
+    def scores(variables, k: int = 0) -> dict:
+        """Accuracies on seed k's D_f and V."""
+        rows_fv = per[k]["rows_fv"]
         stacked = jax.tree.map(lambda x: np.asarray(x)[None], variables)
         hit = predict(model, stacked, train, rows_fv[None])[0].argmax(-1) == labels[rows_fv]
-        n = splits.forget.size
+        n = per[k]["splits"].forget.size
         return {"acc_forget": 100.0 * hit[:n].mean(), "acc_val": 100.0 * hit[n:].mean()}
 
-    reference = {"original": scores(original), "retrain": scores(retrain)}
-    target = reference["retrain"]
+    for k, p_k in enumerate(per):
+        p_k["reference"] = {
+            "original": scores(p_k["original"], k),
+            "retrain": scores(p_k["retrain"], k),
+        }
 
-    def gap(s: dict) -> float:
+    def mean_scores(items: list[dict]) -> dict:
+        return {key: float(np.mean([s[key] for s in items])) for key in items[0]}
+
+    if len(per) == 1:
+        reference = per[0]["reference"]
+    else:  # the seeds' mean, each seed's own in `references`
+        reference = {
+            m: mean_scores([p_k["reference"][m] for p_k in per]) for m in ("original", "retrain")
+        }
+
+    def gap(s: dict, k: int = 0) -> float:
+        target = per[k]["reference"]["retrain"]
         return abs(s["acc_forget"] - target["acc_forget"]) + abs(s["acc_val"] - target["acc_val"])
 
-    def run(method):
-        [(variables, info)] = methods.run_population(
+    def score_row(row: dict, per_seed: list[dict]) -> None:
+        """`row` gets the seeds' mean accuracies and score (each seed scored against its own
+        retrained model), and with several seeds each seed's own in `seeds`."""
+        row.update(
+            acc_forget=float(np.mean([s["acc_forget"] for s in per_seed])),
+            acc_val=float(np.mean([s["acc_val"] for s in per_seed])),
+            score=float(np.mean([s["score"] for s in per_seed])),
+        )
+        if len(per) > 1:
+            row["seeds"] = [
+                {"seed": p_k["seed"], **s} for p_k, s in zip(per, per_seed, strict=True)
+            ]
+
+    def run(method) -> list:
+        """`(variables, info)` of `method` per seed, one population."""
+        return methods.run_population(
             method,
             model,
-            [original],
+            [p_k["original"] for p_k in per],
             data=train,
-            splits=[splits],
-            seeds=[args.seed],
+            splits=[p_k["splits"] for p_k in per],
+            seeds=seeds,
             num_classes=d.num_classes,
             progress=False,
         )
-        return variables, info
 
     def run_grid(configs: list) -> list:
-        """`(variables or None, info)` of every config: those that share a program (they
-        differ only in data settings) as one population, a diverged one recorded."""
+        """Per config, `(variables or None, info)` per seed: the configs that share a program
+        (they differ only in data settings) and the seeds as one population, a diverged
+        member recorded."""
         out = [None] * len(configs)
         groups: dict = {}
         for i, c in enumerate(configs):
             groups.setdefault(c.skeleton(), []).append(i)
         for indices in groups.values():
-            n = len(indices)
+            members = [(i, k) for i in indices for k in range(len(per))]
             results = methods.run_population(
-                [configs[i] for i in indices],
+                [configs[i] for i, _ in members],
                 model,
-                [original] * n,
+                [per[k]["original"] for _, k in members],
                 data=train,
-                splits=[splits] * n,
-                seeds=[args.seed] * n,
+                splits=[per[k]["splits"] for _, k in members],
+                seeds=[per[k]["seed"] for _, k in members],
                 num_classes=d.num_classes,
                 population_size=args.population_size,
                 progress=False,
                 on_divergence="record",
             )
-            for i, result in zip(indices, results, strict=True):
-                out[i] = result
+            for (i, _), result in zip(members, results, strict=True):
+                out[i] = [*(out[i] or []), result]
         return out
 
     print(json.dumps({"reference": reference}), flush=True)
@@ -304,59 +450,68 @@ def main(argv=None) -> int:
     def write() -> None:  # after every method: a killed run keeps what it finished
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "command": "python -m experiments.tune " + " ".join(argv or sys.argv[1:]),
-                    "dataset": args.dataset,
-                    "forget_class": args.forget_class,
-                    "seed": args.seed,
-                    "original_epochs": args.original_epochs,
-                    "sizes": {
-                        "forget": int(forget.size),
-                        "remain": int(splits.remain.size),
-                        "val": int(val.size),
-                    },
-                    "reference": reference,
-                    "grids": {m: grids[m] for m in chosen},
-                    "rows": rows,
-                    "chosen": chosen,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+        record = {
+            "command": "python -m experiments.tune " + " ".join(argv or sys.argv[1:]),
+            "dataset": args.dataset,
+            "forget_class": args.forget_class,
+            "seed": seeds[0],
+            "original_epochs": args.original_epochs,
+            "sizes": {
+                "forget": int(forget.size),
+                "remain": int(per[0]["splits"].remain.size),
+                "val": int(per[0]["val"].size),
+            },
+            "reference": reference,
+            "grids": {m: grids[m] for m in chosen},
+            "rows": rows,
+            "chosen": chosen,
+        }
+        if len(per) > 1:
+            record["seeds"] = list(seeds)
+            record["references"] = [{"seed": p_k["seed"], **p_k["reference"]} for p_k in per]
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
         tmp.replace(args.out)
 
     for method_name in names:
         mine = []
         grid = settings(grids[method_name])
         if method_name == "ssd":
-            exposed, _ = run(SSDWithImportances())
+            ssd_base = methods.get("ssd", dataset=args.dataset)
+            exposed = [v for v, _ in run(SSDWithImportances(batch_size=ssd_base.batch_size))]
         else:
             outs = run_grid(
                 [
-                    methods.get(method_name, **overrides(method_name, st, args.original_epochs))
+                    methods.get(
+                        method_name,
+                        dataset=args.dataset,
+                        **overrides(method_name, st, args.original_epochs),
+                    )
                     for st in grid
                 ]
             )
-        for k, setting in enumerate(grid):
+        for j, setting in enumerate(grid):
             row = {"method": method_name, "setting": setting}
             if method_name == "ssd":
                 kw = dict(alpha=setting["alpha"], lam=setting["lam"])
-                params = dampen(original["params"], exposed["i_f"], exposed["i_d"], **kw)
-                s = scores({"params": params, "batch_stats": original["batch_stats"]})
-                mask = selection(exposed["i_f"], exposed["i_d"], alpha=setting["alpha"])
-                row["selected"] = int(sum(np.sum(x) for x in jax.tree.leaves(mask)))
-                row.update(s, score=gap(s))
+                per_seed, selected = [], []
+                for k, (p_k, ex) in enumerate(zip(per, exposed, strict=True)):
+                    params = dampen(p_k["original"]["params"], ex["i_f"], ex["i_d"], **kw)
+                    s = scores({"params": params, "batch_stats": p_k["original"]["batch_stats"]}, k)
+                    per_seed.append({**s, "score": gap(s, k)})
+                    mask = selection(ex["i_f"], ex["i_d"], alpha=setting["alpha"])
+                    selected.append(int(sum(np.sum(x) for x in jax.tree.leaves(mask))))
+                row["selected"] = selected[0] if len(per) == 1 else selected
+                score_row(row, per_seed)
             else:
-                variables, info = outs[k]
                 try:
-                    if variables is None:
-                        raise FloatingPointError(info["diverged"])
-                    s = scores(variables)  # raises on non-finite logits
-                    row["steps"] = info["steps"]
-                    row.update(s, score=gap(s))
+                    per_seed = []
+                    for k, (variables, info) in enumerate(outs[j]):
+                        if variables is None:
+                            raise FloatingPointError(info["diverged"])
+                        s = scores(variables, k)  # raises on non-finite logits
+                        per_seed.append({**s, "score": gap(s, k), "steps": info["steps"]})
+                    row["steps"] = per_seed[0]["steps"]
+                    score_row(row, [{k: v for k, v in s.items() if k != "steps"} for s in per_seed])
                 except FloatingPointError as e:  # a diverging setting is a result, not a crash
                     row.update(diverged=str(e)[:200], score=float("inf"))
             rows.append(row)
@@ -364,7 +519,9 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
         best = min(mine, key=lambda r: r["score"])  # min keeps the first of equal scores
         if method_name == "ssd":
-            best = {**best, "end_to_end": scores(run(SSD(**best["setting"]))[0])}
+            end_to_end = methods.get("ssd", dataset=args.dataset, **best["setting"])
+            checked = [scores(v, k) for k, (v, _) in enumerate(run(end_to_end))]
+            best = {**best, "end_to_end": mean_scores(checked)}
         chosen[method_name] = best
         print(json.dumps({"chosen": best}), flush=True)
         write()

@@ -78,8 +78,9 @@ def test_settings_are_a_hashable_value_holding_every_setting_used():
     hash(config)
     assert ("ft", "learning_rate", 0.05) in config.method_settings
     assert {m for m, _, _ in config.method_settings} == {"ft", "scrub"}  # resolved, camu aside
-    assert config.method_configs()["ft"] == methods.get("ft", learning_rate=0.05)
-    assert config.method_configs()["scrub"] == methods.get("scrub")
+    # The study's dataset (digits, the default) gives the defaults the settings apply over.
+    assert config.method_configs()["ft"] == methods.get("ft", dataset="digits", learning_rate=0.05)
+    assert config.method_configs()["scrub"] == methods.get("scrub", dataset="digits")
     # The library path: a config built by hand applies its settings the same way; later win.
     lib = ExperimentConfig(
         methods=("camu", "ft"),
@@ -172,11 +173,11 @@ def run(tiny, method):
 FAMILIES = {
     # family: (method, its --set, what must change)
     "one-optimizer loss methods": ("ft", "ft.learning_rate=0.05", "params"),
-    "teacher methods": ("scrub", "scrub.epochs=5", "steps"),
+    "teacher methods": ("scrub", "scrub.epochs=7", "steps"),
     "camu": ("camu", "camu.rep_sample=0.1", "params"),
     "ssd": ("ssd", "ssd.lam=0.5", "params"),
     "unrolling": ("unrolling", "unrolling.learning_rate=0.01", "params"),
-    "boundary_expand": ("boundary_expand", "boundary_expand.learning_rate=0.001", "params"),
+    "boundary_expand": ("boundary_expand", "boundary_expand.learning_rate=0.003", "params"),
 }
 
 
@@ -241,7 +242,11 @@ def test_a_study_file_round_trips_exactly(tmp_path):
         assert parse("--config", write(tmp_path, to_toml(config))) == config, args
     # Fully resolved: a method's defaults are in the file, so the file alone says what ran.
     text = to_toml(parse("--methods", "ft"))
-    assert "[method_settings.ft]\nepochs = 10\nlearning_rate = 0.1\n" in text
+    ft = methods.get("ft", dataset="digits")
+    assert (
+        f"[method_settings.ft]\nepochs = {ft.epochs}\nlearning_rate = {ft.learning_rate!r}\n"
+        in text
+    )
     assert "[method_settings.camu]" in text  # CaMU's resolved preset is always recorded
 
 
@@ -339,7 +344,7 @@ def test_recorded_study_reruns_to_the_same_metrics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((a / "results.json").read_text())
     assert results["method_configs"]["ft"] == {
-        **dataclasses.asdict(methods.get("ft")),
+        **dataclasses.asdict(methods.get("ft", dataset="digits")),
         "learning_rate": 0.05,
         "epochs": 2,
     }

@@ -45,7 +45,7 @@ def test_comma_lists_give_the_product_of_their_points_one_row_each():
         "ft[learning_rate=0.03,momentum=0.9]",
     ]
     # The points differ in nothing else.
-    assert {c.epochs for c in groups["ft"]} == {methods.get("ft").epochs}
+    assert {c.epochs for c in groups["ft"]} == {methods.get("ft", dataset="digits").epochs}
     assert (
         folder_name("ft[learning_rate=0.01,momentum=0.5]") == "ft@learning_rate=0.01+momentum=0.5"
     )

@@ -113,3 +113,49 @@ def test_cache_round_trip_and_what_it_refuses(tmp_path):
     with pytest.raises(ValueError, match="not a readable .npz|x.npz"):
         tune.load_cache(path, {"original": like, "retrain": like})
     assert not marker.exists()
+
+
+def test_digits_has_its_own_grids_and_each_setting_is_a_config():
+    from camu_jax import methods
+
+    assert tune.grids_for("digits") is tune.DIGITS_GRIDS
+    assert tune.grids_for("mnist") is tune.GRIDS and tune.grids_for("cifar10") is tune.GRIDS
+    assert set(tune.DIGITS_GRIDS) == set(tune.GRIDS)
+    for name, grid in tune.DIGITS_GRIDS.items():
+        if name != "ssd":
+            for setting in tune.settings(grid):
+                methods.get(name, dataset="digits", **tune.overrides(name, setting, 20)).validate()
+
+
+def test_seed_lists():
+    assert tune.seed_list("0") == [0] and tune.seed_list("0,1,2") == [0, 1, 2]
+    for bad in ("0,0", "-1", "a"):
+        with pytest.raises(Exception, match="seeds"):
+            tune.seed_list(bad)
+
+
+def test_several_seeds_score_the_mean_of_each_seeds_score(tmp_path):
+    out = tmp_path / "t.json"
+    grid = json.dumps(
+        {
+            "ga": {"learning_rate": [1e-4, 1e-2], "epochs": [1]},
+            "ssd": {"alpha": [1.0], "lam": [1.0]},
+        }
+    )
+    args = ["--dataset", "digits", "--original-epochs", "1", "--cache", str(tmp_path / "c")]
+    assert tune.main([*args, "--seed", "0,1", "--out", str(out), "--grid", grid, "ga", "ssd"]) == 0
+    r = json.loads(out.read_text())
+    assert r["seeds"] == [0, 1] and [x["seed"] for x in r["references"]] == [0, 1]
+    for row in r["rows"]:
+        if "diverged" in row:
+            continue
+        assert [s["seed"] for s in row["seeds"]] == [0, 1]
+        for s, ref in zip(row["seeds"], r["references"], strict=True):
+            target = ref["retrain"]
+            want = abs(s["acc_forget"] - target["acc_forget"]) + abs(
+                s["acc_val"] - target["acc_val"]
+            )
+            assert abs(s["score"] - want) < 1e-9
+        assert abs(row["score"] - np.mean([s["score"] for s in row["seeds"]])) < 1e-9
+        assert abs(row["acc_forget"] - np.mean([s["acc_forget"] for s in row["seeds"]])) < 1e-9
+    assert "end_to_end" in r["chosen"]["ssd"] and len(r["chosen"]["ssd"]["selected"]) == 2

@@ -2,7 +2,9 @@
 
 Every method runs as a population on the loop engine with `run_population(method, model,
 originals, data=..., splits=..., seeds=..., num_classes=...)`; `get("name")` returns a method's
-default config (its paper's or official code's settings for these models).
+default config (its paper's or official code's settings for these models, else tuned for the
+MNIST CNN); `get("name", dataset="digits")` the defaults for a dataset
+(`camu_jax.methods.defaults`: a dataset without an entry gets the class defaults).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from camu_jax.methods.base import MemberContext, Method, Stage, run_population
 from camu_jax.methods.boundary import BoundaryExpand, BoundaryShrink
 from camu_jax.methods.camu import CamuConfig, camu_preset
+from camu_jax.methods.defaults import DATASET_DEFAULTS, for_dataset
 from camu_jax.methods.finetune import FineTune, GradientAscent, L1Sparse, LossMethod, NegGradPlus
 from camu_jax.methods.relabel import Amnesiac, RandomLabels
 from camu_jax.methods.salun import SalUn
@@ -42,15 +45,19 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
-def get(name: str, **overrides) -> Method:
-    """The default config of method `name` with `overrides` applied; raises ValueError naming
-    an unknown method with the list of known ones."""
+def get(name: str, dataset: str | None = None, **overrides) -> Method:
+    """The default config of method `name` with `overrides` applied. The defaults are the
+    class's (the MNIST CNN's) with, for `dataset`, that dataset's entry of
+    `camu_jax.methods.defaults.DATASET_DEFAULTS` over them (None, or a dataset without an
+    entry: the class defaults); `overrides` win over both. Raises ValueError naming an unknown
+    method with the list of known ones, or an unknown dataset with the list of datasets."""
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(names())}")
-    return REGISTRY[name](**overrides)
+    return REGISTRY[name](**{**for_dataset(dataset, name), **overrides})
 
 
 __all__ = [
+    "DATASET_DEFAULTS",
     "REGISTRY",
     "SSD",
     "Amnesiac",
