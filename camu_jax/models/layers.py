@@ -169,22 +169,23 @@ def patch_form_wins(x_shape, kernel_shape, stride: int, padding: int) -> bool:
     """Whether a single model's convolution runs faster on CPU as a patch-matrix product than
     as XLA's convolution (its recorded model, from the layer shapes; other backends: never).
 
-    XLA:CPU's convolution is slow where the kernel covers most of a small image and where one
-    input channel leaves its inner products one element deep. Measured on a 2-core EPYC,
-    forward and both gradients of a 5x5, padding-2 layer (`experiments/benchmark/convs.py`,
-    docs/benchmarks.md): digits' conv2 (batch 256, 4x4x16 -> 32) 38.0 ms as XLA's convolution
-    against 3.7 ms as patches, its conv1 (8x8x1 -> 16) 2.6 against 2.0 ms, MNIST's conv1
-    (batch 32, 28x28x1 -> 16) 3.4 against 1.9 ms; where the output has more positions than the
-    kernel taps and several input channels, XLA wins (MNIST's conv2, 14x14x16 -> 32: 3.5
-    against 6.3 ms), as it does for every ResNet layer (3x3 kernels). So: patches when the
-    layer has one input channel or at most `kh * kw` output positions."""
+    XLA:CPU's convolution is slow where the kernel covers most of a small image: forward and
+    both gradients of the digits CNN's conv2 (5x5, padding 2, 4x4x16 -> 32) took 22.0 ms as
+    XLA's convolution against 3.2 ms as patches at batch 256, 3.6 against 0.6 ms at batch 32
+    (2-core EPYC, `python -m experiments.benchmark --only convs`, docs/benchmarks.md). Where
+    the output has more positions than the kernel has taps XLA wins or nearly ties: MNIST's
+    conv2 (14x14x16 -> 32) 3.3 against 5.0 ms at batch 32, 22 against 79 ms at 256; MNIST's
+    conv1 (28x28x1 -> 16) 17.6 against 30.8 ms at 256 (2.4 against 2.1 ms at 32); digits'
+    conv1 (8x8x1 -> 16) is the one loss, 1.8 against 1.0 ms at 256. So: patches when the
+    layer has at most `kh * kw` output positions (every ResNet layer keeps XLA's: 3x3 kernels
+    over at least 4x4 outputs)."""
     if jax.default_backend() != "cpu":
         return False
-    _, h, w, cin = x_shape
+    _, h, w, _ = x_shape
     kh, kw = kernel_shape[:2]
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
-    return cin == 1 or ho * wo <= kh * kw
+    return ho * wo <= kh * kw
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0) -> jax.Array:
