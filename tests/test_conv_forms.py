@@ -12,7 +12,7 @@ from camu_jax.models import layers
 @pytest.mark.parametrize(
     ("x_shape", "kernel_shape", "padding", "patch"),
     [
-        ((256, 8, 8, 1), (5, 5, 1, 16), 2, False),  # digits conv1: 64 positions > 25 taps
+        ((256, 8, 8, 1), (5, 5, 1, 16), 2, True),  # digits conv1: one channel, 64 positions
         ((256, 4, 4, 16), (5, 5, 16, 32), 2, True),  # digits conv2: 16 positions, 25 taps
         ((32, 28, 28, 1), (5, 5, 1, 16), 2, False),  # MNIST conv1: 784 positions
         ((32, 14, 14, 16), (5, 5, 16, 32), 2, False),  # MNIST conv2: 196 positions

@@ -175,17 +175,18 @@ def patch_form_wins(x_shape, kernel_shape, stride: int, padding: int) -> bool:
     (2-core EPYC, `python -m experiments.benchmark --only convs`, docs/benchmarks.md). Where
     the output has more positions than the kernel has taps XLA wins or nearly ties: MNIST's
     conv2 (14x14x16 -> 32) 3.3 against 5.0 ms at batch 32, 22 against 79 ms at 256; MNIST's
-    conv1 (28x28x1 -> 16) 17.6 against 30.8 ms at 256 (2.4 against 2.1 ms at 32); digits'
-    conv1 (8x8x1 -> 16) is the one loss, 1.8 against 1.0 ms at 256. So: patches when the
-    layer has at most `kh * kw` output positions (every ResNet layer keeps XLA's: 3x3 kernels
-    over at least 4x4 outputs)."""
+    conv1 (28x28x1 -> 16) 17.6 against 30.8 ms at 256 (2.4 against 2.1 ms at 32). One input
+    channel on a small image favours patches too: digits' conv1 (8x8x1 -> 16, 64 positions)
+    1.8 against 1.0 ms at 256, 0.39 against 0.30 at 32. So: patches when the layer has at most
+    `kh * kw` output positions, or one input channel and at most `4 * kh * kw` (every ResNet
+    layer and both of MNIST's keep XLA's)."""
     if jax.default_backend() != "cpu":
         return False
-    _, h, w, _ = x_shape
+    _, h, w, cin = x_shape
     kh, kw = kernel_shape[:2]
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
-    return ho * wo <= kh * kw
+    return ho * wo <= kh * kw or (cin == 1 and ho * wo <= 4 * kh * kw)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0) -> jax.Array:
