@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jax_core
 from jax.sharding import Mesh
 
 from camu_jax import sharding
@@ -154,6 +155,7 @@ class Engine:
         self._one = jax.jit(member_program(loop, mesh), donate_argnums=0)
         self._scan = jax.jit(member_program(scan, mesh), donate_argnums=0)
         self._init = jax.jit(lambda v: pin(jax.vmap(program.init)(v)))
+        self._host_init = jax.vmap(program.init)
         # Programs compiled for each signature (shapes, dtypes, shardings), and the seconds
         # each compile took (a persistent-cache hit takes little): `engine.place` weighs a
         # new layout's compile against what it could save.
@@ -168,8 +170,19 @@ class Engine:
 
     def init(self, variables: PyTree) -> PyTree:
         """The stacked state of stacked `variables` (host arrays, or a previous stage's state
-        on device), sharded over the members."""
-        if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(variables)):
+        on device), sharded over the members. From host arrays, an init that only copies,
+        casts, reshapes and fills (the optimizer's zeros, a copy of the weights) is evaluated
+        on the host (`host_eval`): no program to compile."""
+        leaves = jax.tree.leaves(variables)
+        on_device = all(isinstance(x, jax.Array) for x in leaves)
+        # A CPU device's arrays are host memory: read there too (one process holding them).
+        if not on_device or (
+            jax.default_backend() == "cpu" and all(x.is_fully_addressable for x in leaves)
+        ):
+            host = host_eval(self._host_init, variables)
+            if host is not None:
+                return sharding.shard_members(host, self.mesh)
+        if not on_device:
             variables = sharding.shard_members(variables, self.mesh)
         key = _signature(self._init, (variables,))
         if key not in self._inits:
@@ -190,8 +203,12 @@ class Engine:
         key = _signature(fn, args)
         if key not in self._aot:
             t = time.perf_counter()
-            self._aot[key] = compile_shared(fn.lower(*args), args)
-            self.compile_seconds[key] = time.perf_counter() - t
+            lowered = fn.lower(*args)
+            lower_s = time.perf_counter() - t
+            self._aot[key], build_s = compile_shared(lowered, args, cost=True)
+            # What the program costs to compile, also where an identical one was compiled
+            # before (`place` weighs it against what another layout could save).
+            self.compile_seconds[key] = lower_s + build_s
         return self._aot[key], args, self.compile_seconds[key]
 
     def compile(self, state, shared, member, plan: Plan) -> float:
@@ -274,12 +291,85 @@ _SHARED_LOCK = threading.Lock()
 SHARED_EXECUTABLES = 256  # kept, least recently used dropped first
 
 
-def compile_shared(lowered, args: Any) -> Any:
+# The primitives `host_eval` evaluates in numpy: what a state's init is made of (zeros,
+# copies, casts, shapes), each exact in numpy as in XLA.
+_HOST_PRIMITIVES: dict[str, Callable] = {
+    "broadcast_in_dim": lambda x, *, shape, broadcast_dimensions, **_: np.broadcast_to(
+        np.expand_dims(x, [d for d in range(len(shape)) if d not in broadcast_dimensions]),
+        shape,
+    ).copy(),
+    "convert_element_type": lambda x, *, new_dtype, **_: np.asarray(x).astype(new_dtype),
+    "copy": lambda x, **_: np.array(x),
+    "copy_p": lambda x, **_: np.array(x),
+    "reshape": lambda x, *, new_sizes, dimensions=None, **_: np.reshape(x, new_sizes),
+    "squeeze": lambda x, *, dimensions, **_: np.squeeze(x, tuple(dimensions)),
+    "expand_dims": lambda x, *, dimensions, **_: np.expand_dims(x, tuple(dimensions)),
+    "concatenate": lambda *xs, dimension, **_: np.concatenate(xs, axis=dimension),
+    "transpose": lambda x, *, permutation, **_: np.transpose(x, permutation),
+}
+
+
+class _NotOnHost(Exception):
+    pass
+
+
+def host_eval(fn: Callable, *args) -> PyTree | None:
+    """`fn(*args)` evaluated in numpy from its jaxpr where every operation in it is one of
+    `_HOST_PRIMITIVES` (nested jit calls included); None otherwise (then compile it). The
+    same values as the compiled program: these operations move and cast values, and a cast
+    rounds the same in numpy as in XLA."""
+    try:
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    except Exception:  # noqa: BLE001 - whatever cannot be traced here is compiled as before
+        return None
+    try:
+        leaves = [np.asarray(x) for x in jax.tree.leaves(args)]
+        out = _eval_jaxpr(closed.jaxpr, closed.consts, leaves)
+    except _NotOnHost as e:
+        if os.environ.get("CAMU_DEBUG_HOST_EVAL"):
+            print(f"host_eval: {e} not on host")
+        return None
+    out = [
+        np.asarray(x, dtype=s.dtype).reshape(s.shape)
+        for x, s in zip(out, jax.tree.leaves(out_shape), strict=True)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+
+def _eval_jaxpr(jaxpr, consts, args) -> list:
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jax_core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = np.asarray(x)
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        ins = [read(v) for v in eqn.invars]
+        if name in ("pjit", "jit", "closed_call", "core_call"):
+            inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+            inner_jaxpr = getattr(inner, "jaxpr", inner)
+            outs = _eval_jaxpr(inner_jaxpr, getattr(inner, "consts", ()), ins)
+        elif name in _HOST_PRIMITIVES:
+            outs = _HOST_PRIMITIVES[name](*ins, **eqn.params)
+            outs = [outs]
+        else:
+            raise _NotOnHost(name)
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def compile_shared(lowered, args: Any, *, cost: bool = False) -> Any:
     """`lowered.compile()`, or the executable of an identical program compiled before in this
     process: same lowered text, same result tree, and arguments `args` (those `lowered` was
     lowered for) of the same tree, shapes, dtypes, shardings and donations. (The arguments
     count whole: a program leaves out of its text the arguments it does not read, yet its
-    executable checks all of them.)"""
+    executable checks all of them.) With `cost`, `(executable, seconds)`: the seconds its
+    compilation took when it was compiled (what a program like it costs, for `place`)."""
     text = lowered.as_text()
     donated = tuple(a.donated for a in jax.tree.leaves(lowered.args_info))
     key = (
@@ -291,13 +381,16 @@ def compile_shared(lowered, args: Any) -> Any:
     with _SHARED_LOCK:
         if key in _SHARED:
             _SHARED.move_to_end(key)
-            return _SHARED[key]
+            compiled, seconds = _SHARED[key]
+            return (compiled, seconds) if cost else compiled
+    t = time.perf_counter()
     compiled = lowered.compile()
+    seconds = time.perf_counter() - t
     with _SHARED_LOCK:
-        _SHARED[key] = compiled
+        _SHARED[key] = (compiled, seconds)
         while len(_SHARED) > SHARED_EXECUTABLES:
             _SHARED.popitem(last=False)
-    return compiled
+    return (compiled, seconds) if cost else compiled
 
 
 def _signature(fn, args) -> tuple:
@@ -365,10 +458,11 @@ class Placement:
 # Every placement chosen in this process, in order (`Timer.placements`: those of a phase).
 _placements: list[dict] = []
 
-# Probe returns `(bytes per member, seconds per step or None, compile seconds)` of a wave of
-# `size` members on `mesh`; seconds only when `timed` and the engine can time a step (the
-# per-step loop), compile seconds what its program took to compile (when first compiled).
-Probe = Callable[[Mesh, int, bool], tuple[float, float | None, float]]
+# Probe returns `(bytes per member, seconds per step or None, compile seconds, wave seconds)`
+# of a wave of `size` members on `mesh`; seconds per step only when `timed` and the engine can
+# time a step (the per-step loop), compile seconds what its program costs to compile, wave
+# seconds what building the wave's member data took (a wave's fixed cost, compiling apart).
+Probe = Callable[[Mesh, int, bool], tuple[float, float | None, float, float]]
 
 
 def submesh(mesh: Mesh, member_rows: int) -> Mesh:
@@ -396,20 +490,12 @@ def place(
       member rows runs on a sub-mesh of one row per member, with no padding members (a padded
       member costs a real member's work: on a CPU it takes a core from the real one). Across
       processes (`jax.distributed`) every row stays in, so that every process takes part.
-    * Where `probe` can time the step, a phase of several members but no more than the member
-      rows spreads them one per device only when that can pay back compiling the spread
-      program: run one at a time on one device (the program earlier phases compiled), the
-      phase's `steps` member-steps take `steps * t1`; spread over n devices they could save at
-      most `(1 - 1/n)` of that, which must exceed the one-device program's compile seconds
-      (the estimate of the new program's). Otherwise both are timed and the faster kept.
-      (Digits' relearning check, 2 x 45 steps, stays on one device; MNIST's, 2 x 1700, spreads.)
     * `requested` (`--population-size`) members per wave, rounded up to the member devices.
+    * Where `probe` can time the compiled step (the per-step loop of a CPU, in one process),
+      the layouts are weighed by what they cost, compiling included, so that a phase is never
+      slower than its members one at a time: `_timed_choice`.
     * Otherwise every member in one wave, or as many as fit in the devices' free memory (from
-      `probe`'s memory analysis of the compiled step); and where `probe` can time the compiled
-      step (the per-step loop of a CPU), the stacked wave is timed against waves of one member
-      per device and the faster in member-steps per second is chosen: stacking members on a
-      device wins where per-operation overhead dominates (the digits CNN, 3x) and loses where
-      arithmetic does (the MNIST CNN, 3x slower; docs/benchmarks.md, placement).
+      `probe`'s memory analysis of the compiled step).
     """
     if count < 1:
         raise ValueError(f"a phase needs at least one member, got {count}")
@@ -422,89 +508,114 @@ def place(
         rows = max(1, min(rows_all, count, requested or count))
     sub = submesh(mesh, rows)
     rates = None
+    timed = (
+        probe is not None
+        and count > 1
+        and bool(steps)
+        and jax.process_count() == 1
+        and not default_use_scan()
+    )
     if requested is not None:
         size = -(-min(requested, count) // rows) * rows
         rule = f"population size {requested} requested"
-    elif count <= rows:
-        size = rows
-        rule = "one member per device" if rows == count else "every device takes part"
-        # Only where steps are timed one by one (CPU), and in one process (a one-device
-        # sub-mesh would leave the other processes out).
-        single = jax.process_count() == 1
-        if probe is not None and count > 1 and steps and single and not default_use_scan():
-            one = submesh(mesh, 1)
-            _, t1, c1 = probe(one, 1, True)
-            if t1 is not None:
-                saved = steps * t1 * (1 - 1 / rows)
-                if saved <= c1:
-                    sub, size = one, 1
-                    rule = (
-                        f"one at a time on one device: spreading could save at most {saved:.1f} s "
-                        f"of {steps} member-steps, compiling costs about {c1:.1f} s"
-                    )
-                else:
-                    _, tn, _ = probe(sub, rows, True)
-                    measured = sharding.from_process_zero(
-                        np.asarray([rows / tn, 1 / t1], np.float64)
-                    )
-                    rates = {
-                        "1_per_device": round(float(measured[0]), 1),
-                        "one_device": round(float(measured[1]), 1),
-                    }
-                    if measured[1] > measured[0]:
-                        sub, size = one, 1
-                        rule = (
-                            f"timed probe: one at a time on one device, {measured[1]:.0f} "
-                            f"member-steps/s against {measured[0]:.0f} spread"
-                        )
-                    else:
-                        rule = (
-                            f"timed probe: one member per device, {measured[0]:.0f} "
-                            f"member-steps/s against {measured[1]:.0f} on one device"
-                        )
     elif probe is None:
         size = -(-count // rows) * rows
         rule = "every member in one wave"
+        if count <= rows:
+            rule = "one member per device" if rows == count else "every device takes part"
     else:
         full = -(-count // rows) * rows
-        need, _, _ = probe(sub, full, False)
-        free = sharding.free_memory(sub)
-        fit = int(0.8 * free * rows // max(need, 1.0))
-        size = max(rows, min(full, fit // rows * rows))
-        rule = (
-            f"every member in one wave ({need / 2**20:.1f} MiB each)"
-            if size == full
-            else f"as many as fit in {free / 2**30:.1f} GiB free per device "
-            f"({need / 2**20:.1f} MiB each)"
-        )
-        if size > rows:
-            _, stacked, _ = probe(sub, size, True)
-            if stacked is not None:
-                _, single, _ = probe(sub, rows, True)
-                measured = sharding.from_process_zero(
-                    np.asarray([size / stacked, rows / single], np.float64)
-                )
-                rates = {
-                    f"{size // rows}_per_device": round(float(measured[0]), 1),
-                    "1_per_device": round(float(measured[1]), 1),
-                }
-                if measured[1] > measured[0]:
-                    size = rows
-                    rule = (
-                        f"timed probe: one member per device, {measured[1]:.0f} member-steps/s "
-                        f"against {measured[0]:.0f} stacked"
-                    )
-                else:
-                    rule = (
-                        f"timed probe: stacked, {measured[0]:.0f} member-steps/s against "
-                        f"{measured[1]:.0f} one per device; " + rule
-                    )
+        size, rule = rows, "one member per device" if rows == count else "every device takes part"
+        if full > rows:
+            need, *_ = probe(sub, full, False)
+            free = sharding.free_memory(sub)
+            fit = int(0.8 * free * rows // max(need, 1.0))
+            size = max(rows, min(full, fit // rows * rows))
+            rule = (
+                f"every member in one wave ({need / 2**20:.1f} MiB each)"
+                if size == full
+                else f"as many as fit in {free / 2**30:.1f} GiB free per device "
+                f"({need / 2**20:.1f} MiB each)"
+            )
+        if timed:
+            chosen = _timed_choice(mesh, sub, rows, size, count, steps, probe)
+            if chosen is not None:
+                sub, size, rule, rates = chosen
     out = Placement(sub, size, count, rule, rates)
     if record:  # not when compiling ahead (`runner.compile_ahead`)
         _placements.append(out.record(what))
     if log is not None:
         log(out.describe(what))
     return out
+
+
+def _timed_choice(
+    mesh: Mesh, sub: Mesh, rows: int, size: int, count: int, steps: int, probe: Probe
+):
+    """`(mesh, size, rule, rates)`: the layout that runs a phase of `count` members and
+    `steps` member-steps fastest, compiling included, among: one member at a time on one
+    device (`A`, the layout of `--population-size 1`), one member per device over `rows`
+    devices (`B`) and `size` members stacked over them (`C`); None where the probe cannot
+    time (then the caller's choice).
+
+    A layout's time is its waves' fixed cost (building each wave's member data: the
+    teachers' forward passes, counterfactuals, tables) plus its steps: `waves x w + steps x
+    t / members per wave`. A is timed first: it is the fallback, and often compiled already
+    (an earlier phase's program). Another layout is compiled and timed only where it could
+    pay back its compilation even at its best: B with all devices busy and A's cost per wave,
+    C with free steps in one wave; either against at least what A's program cost to compile
+    (a program of the same steps; a stacked or spread one costs no less). Of the layouts
+    timed, the fastest runs (their compilation is spent by then). So a phase too short to
+    repay a compile runs exactly as one at a time, and a longer one the layout measured
+    fastest. (Digits on two CPU devices: 20 CaMU runs, about 5 s of steps and 0.2 s to build
+    each run's counterfactual embeddings, weigh 3-4 s of compiling for each layout.)
+    """
+    one = submesh(mesh, 1)
+    _, t1, c1, w1 = probe(one, 1, True)
+    if t1 is None:
+        return None
+
+    def cost(t, w, per_wave):
+        return -(-count // per_wave) * w + steps * t / per_wave
+
+    timed = {"one_device": (one, 1, t1, cost(t1, w1, 1))}
+    best = timed["one_device"][3]
+    skipped = []
+    if rows > 1:
+        saved = best - cost(t1, w1, rows)  # all devices busy, A's wave cost
+        if saved > c1:
+            _, tn, _, wn = probe(sub, rows, True)
+            timed["1_per_device"] = (sub, rows, tn, cost(tn, wn, rows))
+            best = min(best, timed["1_per_device"][3])
+        else:
+            skipped.append(f"one per device could save at most {saved:.1f} s")
+    if size > rows:
+        saved = best - w1 * -(-count // size)  # free steps, A's wave cost
+        if saved > c1:
+            _, ts, _, ws = probe(sub, size, True)
+            timed[f"{size // rows}_per_device"] = (sub, size, ts, cost(ts, ws, size))
+        else:
+            skipped.append(f"stacking at most {saved:.1f} s")
+    names = list(timed)
+    # [seconds of the phase, member-steps per second] of each, as process 0 measured them
+    measured = sharding.from_process_zero(
+        np.asarray([[timed[n][3], timed[n][1] / timed[n][2]] for n in names], np.float64)
+    )
+    rates = {n: round(float(r), 1) for n, r in zip(names, measured[:, 1], strict=True)}
+    pick = names[int(np.argmin(measured[:, 0]))]
+    chosen_mesh, chosen_size, _, _ = timed[pick]
+    where = {
+        "one_device": "one at a time on one device",
+        "1_per_device": "one member per device",
+    }.get(pick, f"stacked, {chosen_size // rows} per device")
+    estimate = ", ".join(
+        f"{n.replace('_', ' ')} {s:.1f} s ({rates[n]:.0f} member-steps/s)"
+        for n, s in zip(names, measured[:, 0], strict=True)
+    )
+    rule = f"timed probe: {where}; the phase's estimate {estimate}"
+    if skipped:
+        rule += f"; not tried, as compiling costs about {c1:.1f} s: " + ", ".join(skipped)
+    return chosen_mesh, chosen_size, rule, rates
 
 
 # ------------------------------------------------------------------------------ host side

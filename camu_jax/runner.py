@@ -345,10 +345,14 @@ def _wave_plan(phase: Phase, k: int, runs: list[_Run], size: int, epoch: int) ->
 
 def _probe(phase: Phase, engines, pending: list[_Run], data: DeviceData, size: int, timed: bool):
     """`engine.place`'s probe: bytes per member of a wave of the first `size` members (padded,
-    all active) at the first stage it runs, and with `timed` the seconds of one of its steps,
-    on a throwaway state."""
+    all active) at the first stage it runs, with `timed` the seconds of one of its steps (on a
+    throwaway state) and its program's compile seconds, and the seconds building the wave's
+    member data took (without compiling)."""
     runs = engine.pad_members(pending[:size], size)
+    timer = engine.Timer()
     member = phase.member_data([r.index for r in runs], data)
+    jax.block_until_ready(member)
+    construct = timer.seconds - timer.compile_seconds  # a wave's fixed cost, compiling apart
     k = min(phase.position(r.done)[0] for r in pending[:size])
     state = engine.stack([r.member.variables for r in runs])
     for e in engines[: k + 1]:
@@ -360,8 +364,8 @@ def _probe(phase: Phase, engines, pending: list[_Run], data: DeviceData, size: i
     shared = (data.images, data.labels)
     need = engines[k].memory_per_member(state, shared, member, part)
     if not timed:
-        return need, None, 0.0
-    return need, *engines[k].step_seconds(state, shared, member, part)
+        return need, None, 0.0, construct
+    return need, *engines[k].step_seconds(state, shared, member, part), construct
 
 
 def compile_ahead(

@@ -44,21 +44,46 @@ def test_members_fill_the_devices(report):
     assert (three["member_devices"], three["wave_size"], three["padding_members"]) == (2, 4, 1)
 
 
-def test_timed_probe_picks_the_faster_layout(report):
+def test_timed_probe_picks_the_fastest_layout(report):
     fast = report["ten_stacked_faster"]
     assert (fast["wave_size"], fast["members_per_device"], fast["padding_members"]) == (10, 5, 0)
-    assert fast["probe_member_steps_per_s"] == {"5_per_device": 5.0, "1_per_device": 2.0}
+    assert fast["probe_member_steps_per_s"] == {
+        "one_device": 1.0,
+        "1_per_device": 2.0,
+        "5_per_device": 5.0,
+    }
     slow = report["ten_stacked_slower"]
     assert (slow["wave_size"], slow["members_per_device"], slow["waves"]) == (2, 1, 5)
-    assert slow["probe_member_steps_per_s"] == {"5_per_device": 1.2, "1_per_device": 2.0}
+    assert slow["probe_member_steps_per_s"]["5_per_device"] == 1.2
     assert "one member per device" in slow["rule"]
-    # memory first (untimed, the whole wave), then the two timed candidates
+    # memory first (untimed, the whole wave), then one at a time, spread, stacked
     assert [tuple(c) for c in report["ten_stacked_slower_calls"]] == [
         (2, 10, False),
-        (2, 10, True),
+        (1, 1, True),
         (2, 2, True),
+        (2, 10, True),
     ]
     assert len(report["ten_stacked_slower_mesh"]) == 2
+    one = report["ten_one_device"]
+    assert (one["member_devices"], one["wave_size"], one["waves"]) == (1, 1, 10)
+    assert one["probe_member_steps_per_s"] == {
+        "one_device": 100.0,
+        "1_per_device": 66.7,
+        "5_per_device": 50.0,
+    }
+    costly = report["ten_costly_waves"]
+    assert (costly["wave_size"], costly["members_per_device"], costly["waves"]) == (10, 5, 1)
+    assert "one device 8.0 s" in costly["rule"] and "5 per device 6.5 s" in costly["rule"]
+    untimed = report["ten_untimed"]
+    assert (untimed["wave_size"], untimed["members_per_device"]) == (10, 5)
+
+
+def test_a_phase_too_short_to_repay_a_compile_runs_one_at_a_time(report):
+    short = report["ten_short"]
+    assert (short["member_devices"], short["wave_size"], short["waves"]) == (1, 1, 10)
+    assert "not tried" in short["rule"] and "compiling costs about 1.0 s" in short["rule"]
+    # the memory analysis of the whole wave, then one at a time timed: nothing else compiled
+    assert [tuple(c) for c in report["ten_short_calls"]] == [(2, 10, False), (1, 1, True)]
 
 
 def test_few_members_spread_only_when_it_pays_back_the_compile(report):

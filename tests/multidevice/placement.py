@@ -18,19 +18,21 @@ import jax  # noqa: E402
 from camu_jax import engine, sharding  # noqa: E402
 
 
-def fake_probe(stacked_s: float, single_s: float, calls: list, one_s=None, compile_s=1.0):
+def fake_probe(
+    stacked_s: float, single_s: float, calls: list, one_s=None, compile_s=1.0, wave_s=0.0
+):
     """A probe whose step of a stacked wave takes `stacked_s`, of one member per device
     `single_s` and of one member on one device `one_s` (default `single_s`); 100 MiB a member;
-    every program compiled in `compile_s`."""
+    every program compiled in `compile_s`; every wave's member data built in `wave_s`."""
 
     def probe(mesh, size, timed):
         rows = sharding.member_devices(mesh)
         calls.append((rows, size, timed))
         if not timed:
-            return 100 * 2**20, None, compile_s
+            return 100 * 2**20, None, compile_s, wave_s
         if rows == 1 and size == 1 and one_s is not None:
-            return 100 * 2**20, one_s, compile_s
-        return 100 * 2**20, (single_s if size == rows else stacked_s), compile_s
+            return 100 * 2**20, one_s, compile_s, wave_s
+        return 100 * 2**20, (single_s if size == rows else stacked_s), compile_s, wave_s
 
     return probe
 
@@ -45,17 +47,33 @@ def main():
     out["five_requested_1"] = engine.place(1, 5, mesh, **quiet).record()
     out["two"] = engine.place(None, 2, mesh, **quiet).record()
     out["three_unprobed"] = engine.place(None, 3, mesh, **quiet).record()
-    # 10 members: stacked (5 per device) against one per device. Stacked 5x in 2 s: 5 member-
-    # steps/s per... 10 / 2 s = 5 against 2 / 1 s = 2: stacked wins; 10 / 8 s < 2 / 1 s: not.
+    # 10 members, 1000 member-steps, every program compiled in 1 s. One at a time (1 s a
+    # step: a 1000 s run) could save 500 s spread and all of it stacked: all three are timed.
+    # Stacked, 10 in 2 s, is 5 member-steps/s against 2 / 1 s = 2 spread and 1 one at a time.
     calls = []
-    out["ten_stacked_faster"] = engine.place(None, 10, mesh, fake_probe(2.0, 1.0, calls), **quiet)
-    out["ten_stacked_faster"] = out["ten_stacked_faster"].record()
-    out["ten_stacked_faster_calls"] = calls
-    calls = []
-    slower = engine.place(None, 10, mesh, fake_probe(8.0, 1.0, calls), **quiet)
+    fast = engine.place(None, 10, mesh, fake_probe(2.0, 1.0, calls), steps=1000, **quiet)
+    out["ten_stacked_faster"], out["ten_stacked_faster_calls"] = fast.record(), calls
+    calls = []  # ... 10 / 8 s = 1.25 is not
+    slower = engine.place(None, 10, mesh, fake_probe(8.0, 1.0, calls), steps=1000, **quiet)
     out["ten_stacked_slower"] = slower.record()
     out["ten_stacked_slower_calls"] = calls
     out["ten_stacked_slower_mesh"] = [str(d) for d in slower.mesh.devices.flat]
+    # 100 steps of 10 ms one at a time (1 s) can repay no 1 s compile: nothing else is timed
+    calls = []
+    short = engine.place(None, 10, mesh, fake_probe(0.01, 0.01, calls, 0.01), steps=100, **quiet)
+    out["ten_short"], out["ten_short_calls"] = short.record(), calls
+    # 300 steps (3 s): spreading could save 1.5 s and is timed (2 / 30 ms: slower, 67/s);
+    # stacking, at most the 3 s, too (10 / 0.2 s = 50/s): one at a time (100/s) stays
+    calls = []
+    ten_one = engine.place(None, 10, mesh, fake_probe(0.2, 0.03, calls, 0.01), steps=300, **quiet)
+    out["ten_one_device"], out["ten_one_device_calls"] = ten_one.record(), calls
+    # ... but where each wave costs 0.5 s to build (the teachers' passes), 10 waves one at a
+    # time (5 s) lose to 1 stacked wave: 0.5 + 300 x 0.2 / 10 = 6.5 s against 3 + 5 = 8 s
+    calls = []
+    probe = fake_probe(0.2, 0.03, calls, 0.01, wave_s=0.5)
+    out["ten_costly_waves"] = engine.place(None, 10, mesh, probe, steps=300, **quiet).record()
+    # Without the step count (no timing possible), the memory rule alone: one wave of all
+    out["ten_untimed"] = engine.place(None, 10, mesh, fake_probe(2.0, 1.0, []), **quiet).record()
     # Two members, two devices: spread only when it can pay back its compile (1 s here).
     # 100 steps of 10 ms one at a time could save at most 0.5 s: one device, no probe of two.
     calls = []
