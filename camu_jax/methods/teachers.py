@@ -82,10 +82,11 @@ class BadTeacher(LossMethod):
         return {"bad_teacher_key": host_keys.fold_in(host_keys.key_data(ctx.seed), _BAD_TAG)}
 
     def prepare(self, model, originals, data, host):
-        # Key data in (wrapped inside the program): nothing compiled outside it.
-        bad = jax.vmap(lambda k: init_variables(model, k, data.input_shape))(
-            np.asarray(host["bad_teacher_key"])
-        )
+        # Member by member, key data in: the program that initialised the originals (compiled
+        # once per model and shape), not a vmapped one of its own. Threefry draws each key's
+        # bits on their own, so the values are those a vmapped init gives.
+        bad = [init_variables(model, k, data.input_shape) for k in host["bad_teacher_key"]]
+        bad = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *bad)
         # Same dtypes as the original (float64 in the equivalence tests).
         bad = jax.tree.map(lambda b, o: np.asarray(b).astype(o.dtype), bad, originals)
         return {"teacher": originals, "bad_teacher": sharding.shard_members(bad, data.mesh)}
