@@ -107,10 +107,22 @@ class DeviceData:
         return self._placed[mesh]
 
     def joined(self, other: DeviceData) -> DeviceData:
-        """This split's rows, then `other`'s (same spec and mesh), in one device array."""
-        images, labels = _joiner(self.mesh)(
-            (self.images, self.labels), (other.images, other.labels)
-        )
+        """This split's rows, then `other`'s (same spec and mesh), in one device array: on a
+        CPU joined in host memory (where its devices' arrays live), no program compiled;
+        elsewhere, or across processes, in one program on the devices."""
+        from camu_jax import sharding
+
+        pairs = ((self.images, other.images), (self.labels, other.labels))
+        if jax.default_backend() == "cpu" and all(
+            x.is_fully_addressable for pair in pairs for x in pair
+        ):
+            images, labels = sharding.replicate(
+                tuple(np.concatenate([np.asarray(a), np.asarray(b)]) for a, b in pairs), self.mesh
+            )
+        else:
+            images, labels = _joiner(self.mesh)(
+                (self.images, self.labels), (other.images, other.labels)
+            )
         return DeviceData(
             images,
             labels,
