@@ -16,8 +16,8 @@ loaders of 64 unshuffled items (the `-b` default of `forget_full_class_main.py`)
 in class order (their `build_retain_forget_sets` lists items class by class); every parameter
 (BatchNorm scale and bias included, running statistics not) may be dampened.
 
-As a population, three stages: the D_f batches, then the D_r batches (sums of squared
-gradients and batch counts), then one step that dampens. Their D loader is
+As a population, one stage and one program: the D_f batches, then the D_r batches (sums of
+squared gradients and batch counts), then one step that dampens (each plan row says which). Their D loader is
 `ConcatDataset((D_r, D_f))` in batches of 64; here D's batches are D_r's then D_f's, so
 
     I_f = S_f / n_f,   I_D = (S_r + S_f) / (n_r + n_f)
@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from camu_jax import engine, losses
-from camu_jax.data.pipeline import pad_to_batches
-from camu_jax.methods.base import Method, Stage, settings, stream_batch
+from camu_jax import engine, losses, sharding
+from camu_jax.data.pipeline import item_keys, pad_to_batches, preprocess
+from camu_jax.methods.base import Method, Stage, settings
 from camu_jax.models import apply_model
 from camu_jax.steps import cast_like
 
@@ -111,38 +111,46 @@ class SSD(Method):
     batch_size: int = 64
 
     def stages(self):
+        # One stage, one program: D_f's batches, then D_r's, then the dampening row (each
+        # row's kind in the plan), where three programs would compile the same gradient twice.
         return (
-            Stage(
-                "forget importance",
-                functools.partial(_importance, self, "forget"),
-                functools.partial(_plan, prefix="f", batch_size=self.batch_size),
-                1,
-            ),
-            Stage(
-                "remain importance",
-                functools.partial(_importance, self, "remain"),
-                functools.partial(_plan, prefix="r", batch_size=self.batch_size),
-                1,
-            ),
-            Stage("dampen", functools.partial(_dampen_program, self), self._plan_dampen, 1),
+            Stage("importance and dampening", functools.partial(_program, self), self._plan, 1),
         )
 
-    def _plan_dampen(self, ctx, epoch):
-        # One row, no stream: its mask only marks the step active.
-        return {"mask": np.ones((1, self.batch_size), np.float32)}
+    def _plan(self, ctx, epoch):
+        """`[steps, batch]` rows `k_rows` (training rows), `k_ids` (the item's position in
+        its stream: its augmentation key), `k_mask`, `k_kind` (FORGET, REMAIN or DAMPEN, the
+        same across a row): D_f's batches, D_r's, one dampening row."""
+        f_ids, f_mask = _stream_batches(ctx, "f", self.batch_size)
+        r_ids, r_mask = _stream_batches(ctx, "r", self.batch_size)
+        f_rows, r_rows = ctx.forget[f_ids], ctx.remain[r_ids]
+        one = np.zeros((1, self.batch_size), np.int32)
+        kinds = [np.full(len(f_ids), FORGET), np.full(len(r_ids), REMAIN), [DAMPEN]]
+        return {
+            "k_rows": np.concatenate([f_rows, r_rows, one]).astype(np.int32),
+            "k_ids": np.concatenate([f_ids, r_ids, one]).astype(np.int32),
+            "k_mask": np.concatenate([f_mask, r_mask, np.ones((1, self.batch_size), np.float32)]),
+            "k_kind": np.repeat(np.concatenate(kinds), self.batch_size)
+            .reshape(-1, self.batch_size)
+            .astype(np.int32),
+        }
+
+
+FORGET, REMAIN, DAMPEN = 0, 1, 2  # a plan row's kind ("frs".index of its stream, or dampen)
 
 
 def _class_order(labels: np.ndarray) -> np.ndarray:
     return np.argsort(labels, kind="stable").astype(np.int32)
 
 
-def _plan(ctx, epoch, *, prefix: str, batch_size: int):
+def _stream_batches(ctx, prefix: str, batch_size: int):
+    """D_f (taken once, not repeated) or D_r in class order, in unshuffled batches: `(ids,
+    mask)`, ids positions in the member's stream."""
     if prefix == "f":
         order = _class_order(ctx.labels[ctx.splits.forget])  # D_f once, not repeated
     else:
         order = _class_order(ctx.labels[ctx.remain])
-    ids, mask = pad_to_batches(order, batch_size)
-    return {f"{prefix}_ids": ids, f"{prefix}_mask": mask}
+    return pad_to_batches(order, batch_size)
 
 
 def _init(variables):
@@ -160,9 +168,42 @@ def _init(variables):
     )
 
 
-def _importance(config: SSD, stream: str, model, spec, mesh) -> engine.Program:
+def _make_batch(spec, mesh):
+    """A row's batch: `x`, `y`, `mask` of its training rows (a D_f or D_r item augmented
+    afresh each step with the key `stream_batch` gives that stream's item: the step's key
+    folded with `3 x step + kind`, then the item's position), its `kind`, the settings."""
+
+    def make_batch(state, shared, member, row):
+        images, labels = shared
+        keys = None
+        if spec.augment:
+            kind = row["k_kind"][0]
+            key = jax.random.fold_in(
+                jax.random.wrap_key_data(member["step_key"]), state.step * 3 + kind
+            )
+            keys = item_keys(key, row["k_ids"])
+        part = {
+            "x": preprocess(images[row["k_rows"]], spec, augment_keys=keys),
+            "y": labels[row["k_rows"]],
+            "mask": row["k_mask"],
+        }
+        return {
+            "rows": sharding.constrain_batch(part, mesh),
+            "kind": row["k_kind"][0],
+            "settings": member["settings"],
+        }
+
+    return make_batch
+
+
+def _program(config: SSD, model, spec, mesh) -> engine.Program:
+    """Each D_f or D_r row adds its batch's squared gradient to its sum; the dampening row
+    dampens with the sums (its gradient, of no batch, is computed and dropped: a select, as a
+    population's members may be at different rows). The selects keep every sum and weight
+    bit-identical to a program per kind."""
+
     def step(state, batch):
-        part = batch[stream]
+        part, kind = batch["rows"], batch["kind"]
 
         def loss_fn(params):
             logits, _, _ = apply_model(
@@ -172,30 +213,33 @@ def _importance(config: SSD, stream: str, model, spec, mesh) -> engine.Program:
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         squares = jax.tree.map(jnp.square, grads)
-        if stream == "forget":
-            state = state.replace(
-                sum_f=jax.tree.map(jnp.add, state.sum_f, squares), batches_f=state.batches_f + 1
-            )
-        else:
-            state = state.replace(
-                sum_r=jax.tree.map(jnp.add, state.sum_r, squares), batches_r=state.batches_r + 1
-            )
-        return state.replace(step=state.step + 1), {"loss": loss, "finite": jnp.isfinite(loss)}
+        is_f, is_r, is_d = kind == FORGET, kind == REMAIN, kind == DAMPEN
 
-    return engine.Program(init=_init, step=step, make_batch=stream_batch(config, spec, mesh))
+        def add_if(flag, total, new):
+            return jax.tree.map(lambda t, n: jnp.where(flag, t + n, t), total, new)
 
-
-def _dampen_program(config: SSD, model, spec, mesh) -> engine.Program:
-    def step(state, batch):
         s = settings(batch)  # alpha and lam: the member's data settings, not `config`'s
         i_f, i_d = state.importances()
-        params = dampen(state.params, i_f, i_d, alpha=s["alpha"], lam=s["lam"])
+        dampened = dampen(state.params, i_f, i_d, alpha=s["alpha"], lam=s["lam"])
         chosen = selection(i_f, i_d, alpha=s["alpha"])
-        selected = sum(jnp.sum(x) for x in jax.tree.leaves(chosen))
-        metrics = {"selected": selected.astype(jnp.float32), "finite": jnp.array(True)}
-        return state.replace(step=state.step + 1, params=params), metrics
+        selected = sum(jnp.sum(x) for x in jax.tree.leaves(chosen)).astype(jnp.float32)
+        state = state.replace(
+            step=state.step + 1,
+            params=jax.tree.map(lambda d, p: jnp.where(is_d, d, p), dampened, state.params),
+            sum_f=add_if(is_f, state.sum_f, squares),
+            sum_r=add_if(is_r, state.sum_r, squares),
+            batches_f=jnp.where(is_f, state.batches_f + 1, state.batches_f),
+            batches_r=jnp.where(is_r, state.batches_r + 1, state.batches_r),
+        )
+        zero = jnp.zeros_like(loss)
+        metrics = {
+            "loss": jnp.where(is_d, zero, loss),
+            "selected": jnp.where(is_d, selected, jnp.zeros_like(selected)),
+            "finite": jnp.where(is_d, jnp.array(True), jnp.isfinite(loss)),
+        }
+        return state, metrics
 
-    return engine.Program(init=_init, step=step, make_batch=stream_batch(config, spec, mesh))
+    return engine.Program(init=_init, step=step, make_batch=_make_batch(spec, mesh))
 
 
 @dataclasses.dataclass(frozen=True)
