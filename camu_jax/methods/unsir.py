@@ -169,25 +169,37 @@ def _noise_program(model, mesh, shape: tuple[int, ...]):
         mean_sq = jnp.mean(sq)
         return -ce(logits, labels, jnp.ones_like(sq)) + cast_like(weight, mean_sq) * mean_sq
 
-    def one(noise, opt_state, variables, labels, learning_rate, weight):
+    def one(noise, opt_state, key, first, move, variables, labels, learning_rate, weight):
+        # One program for the start and the steps: at `first` the noise and Adam's state
+        # start afresh (a select, so the values are those of a program of their own); `move`
+        # False returns the start itself (zero steps).
+        fresh = jax.random.normal(jax.random.wrap_key_data(key), shape, jnp.result_type(float))
+        noise = jnp.where(first, fresh, noise)
+        opt_state = jax.tree.map(
+            lambda z, o: jnp.where(first, z, o), tx(0.0).init(fresh), opt_state
+        )  # the state does not depend on the rate
         grads = jax.grad(loss)(noise, variables, labels, weight)
-        updates, opt_state = tx(learning_rate).update(grads, opt_state, noise)
-        return optax.apply_updates(noise, updates), opt_state
+        updates, moved_state = tx(learning_rate).update(grads, opt_state, noise)
+        moved = optax.apply_updates(noise, updates)
+        return (
+            jnp.where(move, moved, noise),
+            jax.tree.map(lambda m, o: jnp.where(move, m, o), moved_state, opt_state),
+        )
 
-    def start(key):
-        noise = jax.random.normal(jax.random.wrap_key_data(key), shape, jnp.result_type(float))
-        return noise, tx(0.0).init(noise)  # the state does not depend on the rate
-
-    vstep = sharding.vmap_members(one, mesh, (0, 0, 0, 0, 0, 0))
-    vstart = sharding.vmap_members(start, mesh, (0,))
+    vstep = sharding.vmap_members(one, mesh, (0, 0, 0, None, None, 0, 0, 0, 0))
 
     def pin(tree):
         return sharding.constrain_members(tree, mesh)
 
-    return (
-        jax.jit(lambda *a: pin(vstep(*a)), donate_argnums=(0, 1)),
-        jax.jit(lambda k: pin(vstart(k))),
-    )
+    def empty(members):
+        """Host zeros of the noise and Adam's state for `members` (the first call's inputs,
+        replaced inside it)."""
+        abstract = jax.ShapeDtypeStruct(shape, jnp.result_type(float))
+        state = jax.eval_shape(lambda n: tx(0.0).init(n), abstract)
+        zeros = jax.tree.map(lambda x: np.zeros((members, *x.shape), x.dtype), (abstract, state))
+        return sharding.shard_members(zeros, mesh)
+
+    return jax.jit(lambda *a: pin(vstep(*a)), donate_argnums=(0, 1)), empty
 
 
 def error_maximising_noise(
@@ -216,11 +228,19 @@ def error_maximising_noise(
         },
         mesh,
     )
-    noise, opt_state = start(placed["keys"])
+    noise, opt_state = start(labels.shape[0])
     sync = sharding.needs_sync(mesh)
-    for _ in range(steps):
+    for i in range(max(steps, 1)):
         noise, opt_state = step(
-            noise, opt_state, originals, placed["y"], placed["lr"], placed["weight"]
+            noise,
+            opt_state,
+            placed["keys"],
+            np.bool_(i == 0),
+            np.bool_(steps > 0),
+            originals,
+            placed["y"],
+            placed["lr"],
+            placed["weight"],
         )
         if sync:  # fake CPU devices can deadlock in a collective unless each call is waited for
             jax.block_until_ready(noise)
