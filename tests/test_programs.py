@@ -77,8 +77,9 @@ def test_identical_programs_share_one_executable():
     np.testing.assert_array_equal(g(x, jnp.zeros(1437)), x * 3.0 + 1.0)
 
 
-# A study of FT, GA and RL on 96 random digits-sized images, relearning off, one run, in a
-# fresh process with its own empty persistent cache; prints each phase's compile record.
+# A study of the methods named in argv[2] (FT, GA and RL, or `all` in their digits settings)
+# on 96 random digits-sized images, relearning off, one run, in a fresh process with its own
+# empty persistent cache; prints each phase's compile record.
 STUDY = """
 import json, sys
 import jax
@@ -106,11 +107,11 @@ record = camu_jax.compare(
     test=test,
     splits=[splits],
     seeds=[0],
-    methods=[
-        methods.get("ft", epochs=1, batch_size=16),
-        methods.get("ga", epochs=1, batch_size=16),
-        methods.get("rl", epochs=1, batch_size=16),
-    ],
+    methods=(
+        [methods.get(n, dataset="digits") for n in methods.REGISTRY]
+        if sys.argv[2] == "all"
+        else [methods.get(n, epochs=1, batch_size=16) for n in sys.argv[2].split(",")]
+    ),
     train_config=camu_jax.TrainConfig(epochs=1),
     population_size=1,
     eval_workers=1,
@@ -126,9 +127,9 @@ print(json.dumps(phases))
 """
 
 
-def test_a_study_compiles_its_step_programs_and_nothing_else(tmp_path):
+def _study_programs(tmp_path, names: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", STUDY, str(tmp_path / "xla-cache")],
+        [sys.executable, "-c", STUDY, str(tmp_path / "xla-cache"), names],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -136,7 +137,23 @@ def test_a_study_compiles_its_step_programs_and_nothing_else(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    phases = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_method_compiles_at_most_25_programs(tmp_path):
+    """Issue 17's target for `--methods all` on digits: the whole study (original, retrain,
+    CaMU and the 14 baselines, evaluation; relearning off), compiled or loaded, <= 25
+    programs."""
+    phases = _study_programs(tmp_path, "all")
+    counts = {
+        phase: sum(p["compiled"].values()) + sum(p["loaded"].values())
+        for phase, p in phases.items()
+    }
+    assert sum(counts.values()) <= 25, counts
+
+
+def test_a_study_compiles_its_step_programs_and_nothing_else(tmp_path):
+    phases = _study_programs(tmp_path, "ft,ga,rl")
 
     def programs(phase):
         p = phases[phase]
