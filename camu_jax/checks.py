@@ -8,11 +8,8 @@ loss that blames the learning rate.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
@@ -64,11 +61,13 @@ def check_splits(
 
 
 def check_image_sizes(train: DeviceData, test: DeviceData) -> None:
-    """`train` and `test` images have one size `[H, W, C]`: one model scores both."""
+    """`train` and `test` inputs have one shape per row (`[H, W, C]` images, `[D]` features,
+    `[T, D]` sequences): one model scores both."""
     if tuple(train.images.shape[1:]) != tuple(test.images.shape[1:]):
         raise ValueError(
             f"train images of shape {tuple(train.images.shape)} and test images of shape "
-            f"{tuple(test.images.shape)} differ in image size [H, W, C]: one model scores both"
+            f"{tuple(test.images.shape)} differ in the shape of one input (all but the first "
+            "axis): one model scores both"
         )
 
 
@@ -108,19 +107,12 @@ def check_model_classes(
             )
 
 
-@functools.lru_cache(maxsize=32)
 def num_logits(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """How many logits `model` gives per image of `input_shape` (traced, not run)."""
-    from camu_jax.models.calling import _check_outputs, check_model
+    """How many logits `model` (linen or NNX) gives per input of `input_shape` (traced, not
+    run)."""
+    from camu_jax.models.calling import output_shapes
 
-    check_model(model)
-
-    def init(key):
-        x = jnp.zeros((1, *input_shape), jnp.float32)
-        out, _ = model.init_with_output(key, x, train=False)
-        return _check_outputs(model, out)[0]
-
-    return int(jax.eval_shape(lambda: init(jax.random.key(0))).shape[-1])
+    return int(output_shapes(model, tuple(input_shape))[0][-1])
 
 
 def _check_indices(idx: np.ndarray, n: int, what: str, data_name: str = "data") -> None:

@@ -32,7 +32,7 @@ from jax.extend import core as jax_core
 from jax.sharding import Mesh
 
 from camu_jax import sharding
-from camu_jax.models import layers
+from camu_jax.models import layers, randomness
 
 PyTree = Any
 Plan = dict[str, np.ndarray]  # name -> [members, steps, batch] (host)
@@ -86,6 +86,21 @@ def member_program(fn: Callable, mesh: Mesh) -> Callable:
     return wrapped
 
 
+def member_step_key(state, member) -> jax.Array:
+    """The key of a member's current step for its model's stochastic layers: its own key
+    (`step_key`, or `key` for training) folded with `state.step`
+    (`randomness.member_step_key`)."""
+    data = None
+    if isinstance(member, dict):
+        data = member.get("step_key", member.get("key"))
+    if data is None or not hasattr(state, "step"):
+        raise TypeError(
+            "this phase's members carry no key (`step_key` or `key`) or its state no `step` "
+            "counter, so a model with stochastic layers gets no per-step keys here"
+        )
+    return randomness.member_step_key(data, state.step)
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
     """The pure pieces of one phase, for ONE member (the engine vmaps them).
@@ -119,8 +134,11 @@ class Engine:
         self.sync = sharding.needs_sync(mesh)
 
         def one(state, shared, member, row):
-            batch = program.make_batch(state, shared, member, row)
-            new_state, metrics = program.step(state, batch)
+            # Keys for stochastic layers (dropout): the member's, folded with the step counter;
+            # computed only where a model asks for one (`randomness.step_rngs`).
+            with randomness.step_rngs(lambda: member_step_key(state, member)):
+                batch = program.make_batch(state, shared, member, row)
+                new_state, metrics = program.step(state, batch)
             active = row_active(row)
             metrics = {k: jnp.where(active, v, jnp.zeros_like(v)) for k, v in metrics.items()}
             metrics["finite"] = jnp.logical_or(metrics.get("finite", True), ~active)

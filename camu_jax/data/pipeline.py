@@ -23,12 +23,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """How `[H, W, C]` images become model inputs (see `preprocess` for the dtypes).
+    """How inputs become model inputs (see `preprocess` for the dtypes): `[H, W, C]` images,
+    or any other shape of float inputs (`[D]` features, `[T, D]` sequences).
 
-    mean/std: per-channel normalisation after scaling to [0, 1] (MNIST-like: none, as the
-      reference's `ToTensor()`; CIFAR: ImageNet statistics).
-    resize: square output size (224 for the ImageNet-stem ResNet18), or None.
-    augment: random horizontal flip and random crop (pad 4) for training batches.
+    mean/std: per-channel (last axis) normalisation after scaling to [0, 1] (MNIST-like:
+      none, as the reference's `ToTensor()`; CIFAR: ImageNet statistics).
+    resize: square output size (224 for the ImageNet-stem ResNet18), or None; images only.
+    augment: random horizontal flip and random crop (pad 4) for training batches; images only.
     """
 
     mean: tuple[float, ...] = (0.0,)
@@ -37,8 +38,15 @@ class InputSpec:
     augment: bool = False
 
     def input_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
-        h, w, c = image_shape
-        return (self.resize, self.resize, c) if self.resize else (h, w, c)
+        if (self.resize or self.augment) and len(image_shape) != 3:
+            raise ValueError(
+                f"inputs of shape {tuple(image_shape)} are not [H, W, C] images: resize and "
+                "augment (flips, crops) apply to images only; use InputSpec(resize=None, "
+                "augment=False) for features or sequences"
+            )
+        if self.resize:
+            return (self.resize, self.resize, image_shape[-1])
+        return tuple(image_shape)
 
 
 def input_spec_for(dataset: str, model: str) -> InputSpec:
@@ -59,7 +67,8 @@ def input_spec_for(dataset: str, model: str) -> InputSpec:
 class DeviceData:
     """One split on device, with what every loop over it needs.
 
-    images: uint8 `[N, H, W, C]`, labels: int32 `[N]`, both replicated over `mesh`;
+    images: uint8 `[N, H, W, C]` or floats of any shape `[N, ...]` (features `[N, D]`,
+    sequences `[N, T, D]`), labels: int32 `[N]`, both replicated over `mesh`;
     host_labels: the same labels on the host (index plans and metrics); spec: how images
     become model inputs; mesh: the `(member, data)` mesh they live on.
     """
@@ -85,11 +94,20 @@ class DeviceData:
         spec = InputSpec() if spec is None else spec
         mesh = sharding.make_mesh() if mesh is None else mesh
         images = np.asarray(images)
-        if images.ndim != 4:  # [N, H, W] would be read as H rows of W-channel pixels
+        # uint8 arrays are pixels: [N, H, W] would be read as H rows of W-channel pixels.
+        # Float arrays are taken in any shape a model accepts: [N, D], [N, T, D], images.
+        if images.dtype == np.uint8 and images.ndim != 4:
             raise ValueError(
                 f"images must be [N, H, W, C], with a channel axis (images[..., None] for "
-                f"greyscale); got shape {images.shape}"
+                f"greyscale); got shape {images.shape} (uint8 arrays are read as pixels; give "
+                "features or sequences, [N, D] or [N, T, D], as floats)"
             )
+        if images.ndim < 2:
+            raise ValueError(
+                f"inputs must be [N, ...] with one row per example ([N, D] features at least); "
+                f"got shape {images.shape}"
+            )
+        spec.input_shape(images.shape[1:])  # resize and augment need images
         host_labels = _class_indices(labels, images.shape)
         dev_images, dev_labels = sharding.replicate((images, host_labels), mesh)
         return cls(dev_images, dev_labels, host_labels, spec, mesh)
@@ -188,8 +206,9 @@ def _augment_one(key: jax.Array, image: jax.Array) -> jax.Array:
 def preprocess(
     images: jax.Array, spec: InputSpec, *, augment_keys: jax.Array | None = None
 ) -> jax.Array:
-    """Images `[b, H, W, C]` -> float `[b, H', W', C]`; `augment_keys` (`[b]` keys) enables
-    augmentation (only when `spec.augment`).
+    """Images `[b, H, W, C]` -> float `[b, H', W', C]` (other inputs, `[b, ...]` floats, keep
+    their shape); `augment_keys` (`[b]` keys) enables augmentation (only when `spec.augment`;
+    images only).
 
     uint8 images are pixel values and are scaled by 1/255, as `ToTensor()` does; floating
     images are taken as already scaled (what `ToTensor()` returns) and are not divided again.

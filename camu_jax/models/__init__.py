@@ -1,30 +1,43 @@
 """Flax models and the contract every model, library or user-written, follows.
 
-A model is a linen module with
-  * `__call__(x, *, train, mask) -> (logits, embedding)`: `x` `[batch, H, W, C]` float32,
-    `train` (BatchNorm batch statistics vs running averages), `mask` `[batch]` 0/1 or None (the
-    padded rows of a short last batch, which BatchNorm must ignore; a model without BatchNorm
-    may ignore it too), `logits` `[batch, classes]` and `embedding` `[batch, ...]` (what
-    L_rep compares with the frozen original's);
-  * `head_modules`: the names of the top-level parameter collections after the embedding (the
-    classifier head), which CaMU's step A leaves alone.
-`check_model`, `init_variables` and `apply_model` (`camu_jax.models.calling`) check the first
-part and say what is missing.
+A model is a linen module or a Flax NNX module (`camu_jax.models.nnx_models`) with
+  * `__call__(x, *, train, mask) -> (logits, embedding)`: `x` `[batch, ...]` float32 (images
+    `[batch, H, W, C]`, features `[batch, D]`, sequences `[batch, T, D]`), `train` (BatchNorm
+    batch statistics vs running averages, dropout on vs off), `mask` `[batch]` 0/1 or None
+    (the padded rows of a short last batch, which BatchNorm must ignore; a model without
+    BatchNorm may ignore it too), `logits` `[batch, classes]` and `embedding` `[batch, ...]`
+    (what L_rep compares with the frozen original's);
+  * `head_modules`: the names of the top-level parameter collections (NNX: attributes) after
+    the embedding (the classifier head), which CaMU's step A leaves alone.
+Stochastic layers draw from named RNG streams (`'dropout'`...) in train mode only: each stream
+gets a key per member and step (`camu_jax.models.randomness`); with `train=False` none is
+given. BatchNorm is the project's (`BatchNorm`, `NnxBatchNorm`): Flax's own is warned about.
+`check_model`, `init_variables` and `apply_model` (`camu_jax.models.calling`) check the
+contract and say what is missing.
 """
 
 from __future__ import annotations
 
 from flax import linen as nn
 
-from camu_jax.models.calling import apply_model, check_model, init_variables
+from camu_jax.models import nnx_models
+from camu_jax.models.calling import (
+    StockBatchNormWarning,
+    apply_model,
+    check_model,
+    init_variables,
+    output_shapes,
+)
 from camu_jax.models.cnn import CNN
 from camu_jax.models.layers import BatchNorm, max_pool_2x2
+from camu_jax.models.nnx_layers import BatchNorm as NnxBatchNorm
+from camu_jax.models.randomness import step_rngs
 from camu_jax.models.resnet import ResNet18
 
 MODELS = ("cnn", "resnet18", "resnet18_cifar")
 
 
-def head_modules(model: nn.Module) -> tuple[str, ...]:
+def head_modules(model) -> tuple[str, ...]:
     """The model's `head_modules`: top-level parameter collections after the embedding.
 
     L_rep depends on the embedding only, so these get no gradient from it; PyTorch's optimizer
@@ -33,6 +46,9 @@ def head_modules(model: nn.Module) -> tuple[str, ...]:
     which the reference never does.
     """
     heads = getattr(model, "head_modules", None)
+    if heads is None and hasattr(model, "nnx_class"):
+        # `nnx.bridge.to_linen(Net, ...)`: the wrapper's parameters are Net's attributes.
+        heads = getattr(model.nnx_class, "head_modules", None)
     if heads is None:
         raise TypeError(
             f"{type(model).__name__} has no `head_modules` attribute: CaMU's step A must know "
@@ -72,12 +88,17 @@ __all__ = [
     "BatchNorm",
     "CNN",
     "MODELS",
+    "NnxBatchNorm",
     "ResNet18",
+    "StockBatchNormWarning",
     "apply_model",
     "check_model",
     "create_model",
     "head_modules",
     "init_variables",
     "max_pool_2x2",
+    "nnx_models",
+    "output_shapes",
     "state_variables",
+    "step_rngs",
 ]

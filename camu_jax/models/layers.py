@@ -43,27 +43,45 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,))
         if train:
-            axes = tuple(range(x.ndim - 1))
-            if mask is None:
-                weights = jnp.ones(x.shape[:1], x.dtype)
-            else:
-                weights = mask.astype(x.dtype)
-            weights = weights.reshape((-1,) + (1,) * (x.ndim - 1))
-            count = jnp.sum(weights) * (x.size // (x.shape[0] * features))
-            # Padded rows may hold anything: select them away before summing.
-            xm = jnp.where(weights > 0, x, 0.0)
-            mean = jnp.sum(xm * weights, axis=axes) / jnp.maximum(count, 1)
-            var = jnp.sum(jnp.square(xm - mean) * weights, axis=axes) / jnp.maximum(count, 1)
+            mean, var, count = masked_moments(x, mask)
             if not self.is_initializing():
-                unbiased = var * count / jnp.maximum(count - 1, 1)
-                seen = count > 0  # An all-padding batch leaves the running statistics alone.
-                m = self.momentum
-                ra_mean.value = jnp.where(seen, (1 - m) * ra_mean.value + m * mean, ra_mean.value)
-                ra_var.value = jnp.where(seen, (1 - m) * ra_var.value + m * unbiased, ra_var.value)
+                ra_mean.value, ra_var.value = running_update(
+                    ra_mean.value, ra_var.value, mean, var, count, self.momentum
+                )
         else:
             mean, var = ra_mean.value, ra_var.value
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
         return y * scale + bias
+
+
+def masked_moments(x: jax.Array, mask: jax.Array | None):
+    """`(mean, var, count)` over every axis but the last, of the rows `mask` (`[batch]`, None:
+    all) marks; `var` biased, as PyTorch normalises with."""
+    features = x.shape[-1]
+    axes = tuple(range(x.ndim - 1))
+    if mask is None:
+        weights = jnp.ones(x.shape[:1], x.dtype)
+    else:
+        weights = mask.astype(x.dtype)
+    weights = weights.reshape((-1,) + (1,) * (x.ndim - 1))
+    count = jnp.sum(weights) * (x.size // (x.shape[0] * features))
+    # Padded rows may hold anything: select them away before summing.
+    xm = jnp.where(weights > 0, x, 0.0)
+    mean = jnp.sum(xm * weights, axis=axes) / jnp.maximum(count, 1)
+    var = jnp.sum(jnp.square(xm - mean) * weights, axis=axes) / jnp.maximum(count, 1)
+    return mean, var, count
+
+
+def running_update(ra_mean, ra_var, mean, var, count, momentum: float):
+    """PyTorch's running statistics after one batch: momentum is the new statistic's weight,
+    the variance is the unbiased one; an all-padding batch leaves them alone."""
+    unbiased = var * count / jnp.maximum(count - 1, 1)
+    seen = count > 0
+    m = momentum
+    return (
+        jnp.where(seen, (1 - m) * ra_mean + m * mean, ra_mean),
+        jnp.where(seen, (1 - m) * ra_var + m * unbiased, ra_var),
+    )
 
 
 # PyTorch's default Linear/Conv init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) for the
