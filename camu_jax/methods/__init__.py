@@ -5,15 +5,30 @@ originals, data=..., splits=..., seeds=..., num_classes=...)`; `get("name")` ret
 default config (its paper's or official code's settings for these models, else tuned for the
 MNIST CNN); `get("name", dataset="digits")` the defaults for a dataset
 (`camu_jax.methods.defaults`: a dataset without an entry gets the class defaults).
+
+One's own method (docs/custom_methods.md): a frozen dataclass on `LossMethod` with a `loss`
+written with `forward` and `cross_entropy` (run as a population like the built-in ones), or a
+plain function `unlearning(variables, retain, forget, validation) -> variables` wrapped by
+`from_function` (run one run at a time).
 """
 
 from __future__ import annotations
 
+from camu_jax import losses
+from camu_jax.methods.adapter import Examples, FunctionMethod, from_function
 from camu_jax.methods.base import MemberContext, Method, Stage, run_population
 from camu_jax.methods.boundary import BoundaryExpand, BoundaryShrink
 from camu_jax.methods.camu import CamuConfig, camu_preset
 from camu_jax.methods.defaults import DATASET_DEFAULTS, for_dataset
-from camu_jax.methods.finetune import FineTune, GradientAscent, L1Sparse, LossMethod, NegGradPlus
+from camu_jax.methods.finetune import (
+    FineTune,
+    GradientAscent,
+    L1Sparse,
+    LossMethod,
+    NegGradPlus,
+    forward,
+    setting,
+)
 from camu_jax.methods.relabel import Amnesiac, RandomLabels
 from camu_jax.methods.salun import SalUn
 from camu_jax.methods.ssd import SSD
@@ -38,6 +53,14 @@ REGISTRY: dict[str, type[Method]] = {
     "ssd": SSD,
     "unrolling": UnrollingSGD,
 }
+
+
+def cross_entropy(logits, labels, mask=None):
+    """Mean cross-entropy of `logits` `[batch, classes]` against integer `labels` `[batch]`
+    over the rows where `mask` `[batch]` is 1 (None: every row): a `LossMethod.loss`'s term
+    for a stream's batch (`mask` = `batch[stream]["mask"]`, 0 on the padding of a short last
+    batch)."""
+    return losses.cross_entropy_mean(logits=logits, labels=labels, weights=mask)
 
 
 def names() -> tuple[str, ...]:
@@ -65,7 +88,9 @@ __all__ = [
     "BoundaryExpand",
     "BoundaryShrink",
     "CamuConfig",
+    "Examples",
     "FineTune",
+    "FunctionMethod",
     "GradientAscent",
     "L1Sparse",
     "LossMethod",
@@ -79,7 +104,11 @@ __all__ = [
     "UnrollingSGD",
     "Unsir",
     "camu_preset",
+    "cross_entropy",
+    "forward",
+    "from_function",
     "get",
     "names",
     "run_population",
+    "setting",
 ]
