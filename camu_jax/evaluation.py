@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from tqdm.auto import tqdm
 
 from camu_jax import engine, metrics, sharding
 from camu_jax.checks import check_image_sizes, check_model_classes, check_splits
@@ -194,16 +195,22 @@ class Scores:
     processes while the caller goes on (e.g. trains the next phase on the device); with one
     worker it has already run in this process."""
 
-    def __init__(self, items, order, owners, count, ready: bool, unscored=None):
+    def __init__(
+        self, items, order, owners, count, ready: bool, unscored=None, progress=False, desc=""
+    ):
         self._items, self._order, self._owners = items, order, owners
         self._count, self._ready, self._table = count, ready, None
+        self._progress, self._desc = progress, desc
         # {model index: why it has no scores}: the same on every process.
         self.unscored: dict[int, str] = dict(unscored or {})
 
     def result(self) -> list[dict[str, float] | None]:
         """Every model's metrics, in order; None for the models in `unscored`."""
         if self._table is None:
-            items = self._items if self._ready else [f.result() for f in self._items]
+            items = self._items
+            if not self._ready:
+                with _bar(len(items), self._desc, self._progress) as bar:
+                    items = [_waited(f, bar) for f in items]
             rows = {i: _metric_vector(s) for i, s in zip(self._order, items, strict=True)}
             size = len(self._owners)
             owners = [self._owners[i % size] for i in range(self._count)]
@@ -228,6 +235,8 @@ def evaluate(
     workers: int | None = None,
     wait: bool = True,
     skip_nonfinite: bool = False,
+    progress: bool = False,
+    desc: str = "evaluation",
 ):
     """`score` for every model `variables[i]` on its run's splits.
 
@@ -244,6 +253,9 @@ def evaluate(
 
     Across processes (`jax.distributed`), each process scores the models it owns
     (`sharding.member_owners`) from the logits it holds, and every process gets every score.
+
+    `progress`: a progress bar `desc` over the models' scoring (on process 0), where it is
+    waited for (here with one worker or `wait`, else in `Scores.result()`).
 
     Returns the list of metric dicts, or with `wait=False` a `Scores` whose `result()` gives
     it, so that the host fits attacks while the device goes on (every process must then call
@@ -312,15 +324,34 @@ def evaluate(
                     break
     order = sorted(jobs)
     workers = min(workers or default_workers(), len(order))
+    progress = progress and jax.process_index() == 0
     if workers <= 1:
-        scores = Scores(
-            [score(**jobs[i]) for i in order], order, owners, count, ready=True, unscored=unscored
-        )
+        with _bar(len(order), desc, progress) as bar:
+            done = [_scored(jobs[i], bar) for i in order]
+        scores = Scores(done, order, owners, count, ready=True, unscored=unscored)
     else:
         executor = _executor(workers)
         futures = [executor.submit(score, **jobs[i]) for i in order]
-        scores = Scores(futures, order, owners, count, ready=False, unscored=unscored)
+        scores = Scores(
+            futures, order, owners, count, False, unscored, progress=progress, desc=desc
+        )
     return scores.result() if wait else scores
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit="model", disable=not progress, leave=False)
+
+
+def _scored(job: dict, bar) -> dict[str, float]:
+    out = score(**job)
+    bar.update()
+    return out
+
+
+def _waited(future, bar) -> dict[str, float]:
+    out = future.result()
+    bar.update()
+    return out
 
 
 def _metric_vector(scores: dict[str, float]) -> np.ndarray:

@@ -30,6 +30,10 @@ MIA_BACKEND = (
     "xgboost" if importlib.util.find_spec("xgboost") is not None else "sklearn-gradient-boosting"
 )
 
+# `mia_efficacy` fits its RBF SVC on at most this many examples of each side (members,
+# non-members): the SVC's cost grows with the square of its points (docs/methods.md).
+MIA_EFFICACY_MAX_PER_SIDE = 2500
+
 # The SalUn scores `unlearning_scores` returns: the keys of Avg. Gap (`results.GAP_KEYS`).
 SCORE_KEYS = GAP_KEYS
 
@@ -199,6 +203,7 @@ def mia_efficacy(
     forget_probs,
     forget_labels,
     seed: int = 0,
+    max_per_side: int | None = None,
 ) -> float:
     """SalUn / Unlearn-Sparse MIA-efficacy in percent: share of D_f the attack calls non-member.
 
@@ -209,20 +214,27 @@ def mia_efficacy(
     on remaining-train (label 1) vs test (label 0). Result: ``100 * (1 - mean(predict(D_f)))``.
 
     Balancing: the original takes the first ``|test|`` remaining examples; here a seeded random
-    subset of ``min(|D_r|, |test|)`` remaining examples (and, if D_r is the smaller, of test).
-    Higher means D_f looks less like training data; compare it with Retrain's value, not 100.
-    Cost: the RBF SVC is quadratic, about 15 s for 10k + 10k points on one CPU core.
+    subset of ``n = min(|D_r|, |test|, max_per_side)`` remaining examples and of ``n`` test
+    examples (the subsets are drawn as before the cap whenever ``n`` is below it: sklearn's
+    digits, 360 per side, is scored as it always was). Higher means D_f looks less like
+    training data; compare it with Retrain's value, not 100.
+    Cost: the RBF SVC is quadratic: 10k + 10k points (MNIST, CIFAR-10 uncapped) took about 15 s
+    a model on one CPU core and were most of an MNIST study's evaluation; the default cap of
+    ``MIA_EFFICACY_MAX_PER_SIDE`` (2,500 + 2,500 points) fits in well under a second on its
+    one feature, and bounds the cost whatever the data set (docs/methods.md, "MIA-efficacy").
 
     Args:
       remain_probs, remain_labels: ``[n_r, classes]``, ``[n_r]`` on D_r (members).
       test_probs, test_labels: ``[n_t, classes]``, ``[n_t]`` on the test set (non-members).
       forget_probs, forget_labels: ``[n_f, classes]``, ``[n_f]`` on D_f (attack targets).
       seed: seed of the balancing subsample.
+      max_per_side: the most examples of each side the SVC is fitted on.
     """
     remain = _true_label_confidence(remain_probs, remain_labels, "remain_probs")
     test = _true_label_confidence(test_probs, test_labels, "test_probs")
     forget = _true_label_confidence(forget_probs, forget_labels, "forget_probs")
-    n = min(len(remain), len(test))
+    cap = MIA_EFFICACY_MAX_PER_SIDE if max_per_side is None else max_per_side
+    n = min(len(remain), len(test), cap)
     if n == 0 or len(forget) == 0:  # as `inapplicable_attacks`
         raise ValueError("mia_efficacy needs non-empty remain, test and forget sets")
     from sklearn.svm import SVC
@@ -330,18 +342,28 @@ def avg_gap(
 
 
 def add_gaps(methods: dict[str, dict], keys: Iterable[str] = GAP_KEYS):
-    """Adds `avg_gap` (to `methods["retrain"]` over `keys`) and `rte` (retrain seconds / the
-    method's `seconds`; None for `original`) to every method's metrics of one run, in place.
-    A method without scores (`"diverged"` in its entry) gets `avg_gap` None."""
+    """Adds `avg_gap` (to `methods["retrain"]` over `keys`), `rte` (Retrain's run seconds / the
+    method's: `run_seconds`, compiling apart, where both entries have them, else `seconds`) and
+    `rte_with_compile` (the same of `seconds`, compiling included; where `run_seconds` are
+    known) to every method's metrics of one run, in place; both None for `original`. A method
+    without scores (`"diverged"` in its entry) gets `avg_gap` None."""
     keys = tuple(keys)
     retrain = methods["retrain"]
     for name, r in methods.items():
         r["avg_gap"] = None if "diverged" in r else avg_gap(r, retrain, keys=keys)
+        split = "run_seconds" in r and "run_seconds" in retrain
+        run_key = "run_seconds" if split else "seconds"
         r["rte"] = (
             None
             if name == "original"
-            else rte(retrain_seconds=retrain["seconds"], unlearn_seconds=r["seconds"])
+            else rte(retrain_seconds=retrain[run_key], unlearn_seconds=r[run_key])
         )
+        if split:
+            r["rte_with_compile"] = (
+                None
+                if name == "original"
+                else rte(retrain_seconds=retrain["seconds"], unlearn_seconds=r["seconds"])
+            )
     return methods
 
 

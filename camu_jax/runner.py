@@ -15,7 +15,20 @@ engine (`camu_jax.engine`), and for every member:
   kill, bit-identically (plans are fixed functions of (member, epoch), and a restored state
   continues where it stopped): a member restored at stage k waits, inactive, through the
   earlier stages, and its state is put in place when stage k starts;
-* restores a finished member without running it.
+* restores a finished member without running it;
+* logs every step's losses and learning rates (`camu_jax.logs`, inside `logs.log_to`) and keeps
+  each epoch's means (`info["epochs"]`);
+* measures each member's time apart from the others' (`_run_wave`): its compile seconds and
+  its run seconds.
+
+Times. Compiling is shared by the members of a phase: the phase's compile seconds (JAX's
+compile events, from placing it to its last wave) are split equally among the members it ran.
+Running is split by work: each chunk's wall time less what was compiled in it goes to the
+members active in it, in proportion to the steps each ran there; a wave's other seconds
+(building its member data, inits, checkpoints) are split equally among its members, and the
+phase's others (timing probes of the placement) among all of its members. So a member's
+`run_seconds` + `compile_seconds` add up, over the members, to the phase's wall time, and
+members that ran more steps in a wave get more seconds.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from camu_jax import checkpointing, engine, sharding
+from camu_jax import checkpointing, engine, logs, sharding
 from camu_jax.data.pipeline import DeviceData
 
 PyTree = Any
@@ -47,7 +60,8 @@ class Stage:
       the mesh); program: `mesh -> engine.Program`; plan: `(member index, epoch) -> Plan` of
       `[steps, batch]` rows, a fixed function of its arguments (resume relies on it); epochs;
       chunk: steps per engine call (one chunk length per stage for every wave: a scan's
-      length is part of its shape).
+      length is part of its shape); learning_rates: `(member index, epoch) -> {name: rate}`
+      for the step logs (None: none logged); a plan's `lr_scale` rows scale them per step.
     """
 
     name: str
@@ -56,6 +70,7 @@ class Stage:
     plan: Callable[[int, int], engine.Plan]
     epochs: int
     chunk: int
+    learning_rates: Callable[[int, int], dict[str, float]] | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -161,7 +176,12 @@ class _Run:
         self.index, self.member, self.name = index, member, member.name
         self.done = 0  # epochs of the phase already done (restored)
         self.state = None  # the restored state (host), when resuming
-        self.seconds, self.steps, self.losses = 0.0, 0, []
+        self.steps, self.losses = 0, []
+        self.epochs: list[dict] = []  # per-epoch means, earlier sessions' included
+        # Earlier sessions' seconds included; `construct` is this session's.
+        self.run_seconds, self.compile_seconds, self.construct = 0.0, 0.0, 0.0
+        self.log: logs.MemberLog | None = None
+        self.log_dir: Path | None = None
 
     def start(self, phase: Phase, k: int) -> int:
         """The first epoch of stage `k` this member runs (`epochs` when none)."""
@@ -217,20 +237,26 @@ def _restore(phase: Phase, r: _Run, mesh: Mesh) -> None:
         directory, abstract_state=_abstract(shape), expected_meta=r.member.meta or {}
     )
     r.done = min(done, phase.total_epochs)
-    r.seconds = float(saved.get("seconds", 0.0))
+    # Checkpoints saved before times were split hold the total `seconds` alone.
+    r.compile_seconds = float(saved.get("compile_seconds", 0.0))
+    r.run_seconds = float(saved.get("run_seconds", saved.get("seconds", 0.0) - r.compile_seconds))
     r.steps = int(saved.get("steps", 0))
+    r.epochs = list(saved.get("epoch_means", []))
     r.state = jax.tree.map(np.asarray, state)
 
 
-def _info(r: _Run, phase: Phase, seconds=0.0, construct=0.0, compile_s=0.0, why=None) -> dict:
+def _info(r: _Run, phase: Phase, why=None) -> dict:
     out = {
-        "seconds": r.seconds + seconds,
-        "construct_seconds": construct,
-        "compile_seconds": compile_s,
+        "seconds": r.run_seconds + r.compile_seconds,
+        "run_seconds": r.run_seconds,
+        "compile_seconds": r.compile_seconds,
+        "construct_seconds": r.construct,
         "epochs_run": phase.total_epochs - r.done,
         "resumed_from": r.done,
         "steps": r.steps,
         "losses": r.losses,
+        "epochs": r.epochs,
+        "log_dir": None if r.log_dir is None else str(r.log_dir),
     }
     if why is not None:
         out["diverged"] = why
@@ -248,11 +274,14 @@ def run(
     (default: the layout `engine.place` chooses for the phase); returns per member
     `(variables, info)` (`variables` None for a member recorded as diverged).
 
-    info: `seconds` (the member's share of its wave's wall time, earlier sessions' included),
-    `construct_seconds` (building the wave's member data), `compile_seconds`, `epochs_run`,
-    `resumed_from` (epochs restored from its checkpoint), `steps` (of the whole phase),
-    `losses` (per chunk means, with the stage), and `diverged` (the message) for a member
-    whose loss or state turned non-finite under `on_divergence="record"`.
+    info: `seconds` (`run_seconds` + `compile_seconds`: the member's measured share of the
+    phase's time, module docstring; earlier sessions' included), `construct_seconds`
+    (its share of building its wave's member data), `epochs_run`, `resumed_from` (epochs
+    restored from its checkpoint), `steps` (of the whole phase), `losses` (per chunk means,
+    with the stage), `epochs` (per-epoch means of every metric and learning rate, with the
+    stage and the steps), `log_dir` (its step logs, `camu_jax.logs`; None when off), and
+    `diverged` (the message) for a member whose loss or state turned non-finite under
+    `on_divergence="record"`.
     """
     if phase.on_divergence not in ("raise", "record"):
         raise ValueError(f"on_divergence must be 'raise' or 'record', got {phase.on_divergence!r}")
@@ -271,6 +300,8 @@ def run(
         pending = []
         for r in runs:
             if r.done >= phase.total_epochs:
+                where = logs.member_folder(phase.name, r.name)
+                r.log_dir = where if where is not None and where.is_dir() else None
                 results[r.index] = (phase.variables(r.state), _info(r, phase))
                 if r.index in locks:  # restored: another run may have it now
                     locks[r.index].release()
@@ -285,17 +316,31 @@ def run(
         def probe(mesh, size, timed):
             return _probe(phase, engines_on(mesh), pending, data.on(mesh), size, timed)
 
+        timer = engine.Timer()
         steps = sum(_remaining_steps(phase, r) for r in pending)
         placement = engine.place(
             population_size, len(pending), data.mesh, probe, steps=steps, what=phase.name
         )
         data = data.on(placement.mesh)
         engines = engines_on(data.mesh)
+        counted = 0.0  # seconds the waves gave their members (compiling apart)
+        compile_before = {id(r): r.compile_seconds for r in pending}
+        outs = {}
         for wave in engine.waves(len(pending), placement.size):
             wave_runs = [pending[i] for i in wave]
-            outs = _run_wave(phase, engines, wave_runs, placement.size, data)
-            for r, out in zip(wave_runs, outs, strict=True):
-                results[r.index] = out
+            out, seconds = _run_wave(phase, engines, wave_runs, placement.size, data)
+            outs.update(zip((r.index for r in wave_runs), out, strict=True))
+            counted += seconds
+        # The phase's compiling, split equally; its time outside the waves' (placement
+        # probes), too.
+        compile_s, wall = timer.compile_seconds, timer.seconds
+        rest = max(0.0, wall - compile_s - counted)
+        for r in pending:
+            r.compile_seconds = compile_before[id(r)] + compile_s / len(pending)
+            r.run_seconds += rest / len(pending)
+        for r in pending:
+            variables, why = outs[r.index]
+            results[r.index] = (variables, _info(r, phase, why))
     return results
 
 
@@ -424,19 +469,66 @@ def _shows(progress: bool) -> bool:
     return progress and jax.process_index() == 0
 
 
-def _run_wave(phase: Phase, engines, runs: list[_Run], size: int, data: DeviceData) -> list:
+def _run_wave(
+    phase: Phase, engines, runs: list[_Run], size: int, data: DeviceData
+) -> tuple[list, float]:
+    """Runs one wave; returns per member `(variables or None, why it diverged or None)`, and
+    the seconds it gave its members' `run_seconds` (its wall time less its compiling, which
+    `run` splits over the phase)."""
     timer = engine.Timer()
+    for r in runs:
+        r.log_dir = None
+        if jax.process_index() == 0 and (where := logs.member_folder(phase.name, r.name)):
+            r.log_dir, r.log = where, logs.MemberLog(where, resume_step=r.steps)
+    try:
+        return _run_wave_logged(phase, engines, runs, size, data, timer)
+    finally:
+        for r in runs:
+            if r.log is not None:
+                r.log.close()
+                r.log = None
+
+
+def _metric_rows(part: engine.Plan, count: int) -> np.ndarray:
+    """The plan rows of a chunk's `count` metric rows: every row where a call runs a scanned
+    chunk; the rows where some member has a real example (the ones the per-step loop runs,
+    `engine.Engine.__call__`) otherwise."""
+    rows = next(iter(part.values())).shape[1]
+    if count == rows:
+        return np.arange(rows)
+    masks = [
+        np.asarray(v).reshape(v.shape[0], v.shape[1], -1) for k, v in part.items() if "mask" in k
+    ]
+    return np.flatnonzero(np.any([m.any(axis=(0, 2)) for m in masks], axis=0))
+
+
+def _rates(stage: Stage, r: _Run, epoch: int, part, j: int, rows: np.ndarray) -> dict:
+    """`{name: [n]}`: member `r`'s learning rates at the plan rows `rows` of its chunk."""
+    if stage.learning_rates is None:
+        return {}
+    base = stage.learning_rates(r.index, epoch)
+    scale = (
+        np.asarray(part["lr_scale"])[j, rows].reshape(len(rows), -1)[:, 0].astype(np.float64)
+        if "lr_scale" in part
+        else np.ones(len(rows))
+    )
+    return {name: rate * scale for name, rate in base.items()}
+
+
+def _run_wave_logged(phase: Phase, engines, runs, size, data, timer) -> tuple[list, float]:
     real = len(runs)
     padded = engine.pad_members(runs, size)
     member = phase.member_data([r.index for r in padded], data)
     jax.block_until_ready(member)
-    construct = timer.seconds
+    for r in runs:
+        r.construct += timer.seconds / real
     shared = (data.images, data.labels)
     names = [r.name for r in runs]
     state = engine.stack([r.member.variables for r in padded])
     diverged: dict[int, str] = {}
     last_save = [time.perf_counter()] * real
     offset = 0
+    chunks = 0.0  # the chunks' seconds, compiling apart, given to the members that ran them
     saving = any(r.member.directory is not None for r in runs)
     for k, (stage, run_) in enumerate(zip(phase.stages, engines, strict=True)):
         if len(diverged) == real:
@@ -456,9 +548,12 @@ def _run_wave(phase: Phase, engines, runs: list[_Run], size: int, data: DeviceDa
                 _steps(stage.plan(r.index, epoch)) if epoch >= r.start(phase, k) else 0
                 for r in runs
             ]
+            means = [logs.EpochMeans() for _ in runs]
             for lo in range(0, plan[next(iter(plan))].shape[1], stage.chunk):
                 part = {key: v[:, lo : lo + stage.chunk] for key, v in plan.items()}
-                state, metrics = run_(state, shared, member, part)
+                t, compiled = time.perf_counter(), timer.compile_seconds
+                state, metrics = run_(state, shared, member, part)  # waits: host metrics
+                seconds = time.perf_counter() - t - (timer.compile_seconds - compiled)
                 bad = engine.nonfinite_members(
                     metrics, names, f"{where} epoch {epoch + 1}", state, skip=diverged
                 )
@@ -467,14 +562,29 @@ def _run_wave(phase: Phase, engines, runs: list[_Run], size: int, data: DeviceDa
                 diverged.update(bad)
                 active = np.asarray(metrics["active"], bool)[:, :real]
                 keys = [key for key in metrics if key not in ("finite", "active", "state_finite")]
+                rows = _metric_rows(part, active.shape[0])
+                if active.any():
+                    chunks += seconds
                 for j, r in enumerate(runs):
-                    r.steps += int(active[:, j].sum())
-                    if j not in diverged and (means := engine.chunk_means(metrics, keys, j)):
-                        r.losses.append({"stage": stage.name, **means})
+                    ran = active[:, j]
+                    r.steps += int(ran.sum())
+                    r.run_seconds += seconds * ran.sum() / max(1, active.sum())
+                    if j in diverged or not ran.any():
+                        continue
+                    r.losses.append({"stage": stage.name, **engine.chunk_means(metrics, keys, j)})
+                    values = {key: np.asarray(metrics[key])[ran, j] for key in keys}
+                    values.update(_rates(stage, r, epoch, part, j, rows[ran]))
+                    means[j].add(values)
+                    if r.log is not None:
+                        steps = np.arange(r.steps - int(ran.sum()), r.steps) + 1
+                        r.log.write(stage.name, epoch + 1, steps, values)
                 bar.update(int(active.sum()))
                 if phase.on_chunk is not None:
                     done = np.asarray([min(lo + stage.chunk, n) for n in lengths])
                     phase.on_chunk(phase.variables(state), done, [r.index for r in runs])
+            for j, r in enumerate(runs):
+                if j not in diverged and (record := means[j].record(stage.name, epoch + 1)):
+                    r.epochs.append(record)
             if saving:
                 _save_due(
                     phase, runs, state, offset + epoch + 1, k, epoch, diverged, timer, last_save
@@ -482,14 +592,12 @@ def _run_wave(phase: Phase, engines, runs: list[_Run], size: int, data: DeviceDa
         bar.close()
         offset += stage.epochs
     host = engine.unstack(phase.variables(state), real)
-    share, compile_share = timer.seconds / real, timer.compile_seconds / real
-    return [
-        (
-            None if j in diverged else host[j],
-            _info(r, phase, share, construct / real, compile_share, diverged.get(j)),
-        )
-        for j, r in enumerate(runs)
-    ]
+    # The wave's other seconds (member data, inits, saves, unstacking), split equally.
+    counted = timer.seconds - timer.compile_seconds
+    for r in runs:
+        r.run_seconds += max(0.0, counted - chunks) / real
+    out = [(None if j in diverged else host[j], diverged.get(j)) for j in range(real)]
+    return out, counted
 
 
 def _save_due(phase, runs, state, step, k, epoch, diverged, timer, last_save) -> None:
@@ -511,9 +619,18 @@ def _save_due(phase, runs, state, step, k, epoch, diverged, timer, last_save) ->
     if not len(due):
         return
     host = engine.unstack(state, len(runs))
-    share = timer.seconds / len(runs)
+    # What a resumed member starts from: its seconds so far (the wave's compiling split
+    # equally among its members, as `run` will split the phase's), steps and epoch means.
+    compile_share = timer.compile_seconds / len(runs)
     for j in due:
         r = runs[j]
-        meta = {**(r.member.meta or {}), "seconds": r.seconds + share, "steps": r.steps}
+        meta = {
+            **(r.member.meta or {}),
+            "seconds": r.run_seconds + r.compile_seconds + compile_share,
+            "run_seconds": r.run_seconds,
+            "compile_seconds": r.compile_seconds + compile_share,
+            "steps": r.steps,
+            "epoch_means": r.epochs,  # not "epochs": an identity key of the trained models
+        }
         checkpointing.save(r.member.directory, step, host[j], meta)
         last_save[j] = time.perf_counter()

@@ -15,8 +15,9 @@ on the wave runner (`camu_jax.runner`):
 5. the relearning check of every unlearned and retrained model.
 
 It returns one record: `runs` (per run its sizes and per method the metrics, gaps to Retrain,
-seconds), `summary` (mean and std over runs), `phases` (seconds, compile seconds, programs,
-placements) and `method_configs` (the settings used).
+seconds split into compiling and running, per-epoch loss means and, inside
+`camu_jax.logs.log_to`, where its step logs are), `summary` (mean and std over runs),
+`phases` (seconds, compile seconds, programs, placements) and `method_configs` (the settings used).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -37,6 +38,7 @@ from camu_jax import keys as host_keys
 from camu_jax.data.pipeline import DeviceData
 from camu_jax.data.splits import Splits
 from camu_jax.evaluation import evaluate
+from camu_jax.methods.adapter import FunctionMethod, run_function
 from camu_jax.methods.base import Method, run_population
 from camu_jax.models import init_variables
 from camu_jax.relearning import RelearnConfig, relearn
@@ -97,6 +99,9 @@ class _Study:
     store: Store | None
     progress: bool
     use_scan: bool | None = None
+    # {seed: sha256} of originals given by the caller (None: trained here), part of the
+    # identity of the methods' checkpoints: they start from those models.
+    original_digests: dict[int, str] | None = None
 
     def meta(self, kind: str, seed: int, extra: dict | None = None) -> dict:
         """The identity of a trained model: every setting that changes its weights."""
@@ -184,6 +189,21 @@ class _Study:
         may be stand-ins) and return `{"records": [compile record per program group]}`."""
         runs = self.runs
         out: dict[str, list] = {}
+        if isinstance(group[0], FunctionMethod):  # plain functions: member by member
+            if compile_only:
+                return {"records": []}
+            for config, label in zip(group, labels, strict=True):
+                out[label] = run_function(
+                    config,
+                    [originals[r.seed] for r in runs],
+                    data=self.train,
+                    validation=self.test,
+                    splits=[r.splits for r in runs],
+                    seeds=[r.seed for r in runs],
+                    names=[f"{label} {r.name}" for r in runs],
+                    on_divergence=on_divergence,
+                )
+            return out
         by_program: dict = {}
         for config, label in zip(group, labels, strict=True):
             by_program.setdefault(config.skeleton(), []).append((config, label))
@@ -197,6 +217,11 @@ class _Study:
                         "split": digest(r.splits),
                         "run": r.name,
                         "method_config": dataclasses.asdict(config),
+                        **(
+                            {"original": self.original_digests[r.seed]}
+                            if self.original_digests
+                            else {}
+                        ),
                     },
                 )
                 for config, _, r in members
@@ -260,6 +285,8 @@ class _CompileAhead:
         }
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="camu-compile")
         for group, group_labels in zip(groups, labels, strict=True):
+            if isinstance(group[0], FunctionMethod):  # no program of the engine
+                continue
 
             def job(group=group, group_labels=group_labels):
                 with engine.compile_scope(f"ahead {group[0].name}"):
@@ -318,6 +345,11 @@ def _flat(tree: dict) -> dict:
     return out
 
 
+def _times(info: dict) -> dict:
+    """A model's seconds in its results entry (`runner.run`'s measured shares)."""
+    return {k: info[k] for k in ("seconds", "run_seconds", "compile_seconds")}
+
+
 def _phase(name: str, timer: engine.Timer, members: int, **extra) -> dict:
     return {
         "phase": name,
@@ -350,9 +382,11 @@ def run_study(
     log: Callable[[str], None] | None = print,
     compile_ahead: bool | None = None,
     use_scan: bool | None = None,
+    originals: Mapping[int, dict] | None = None,
+    return_models: bool = False,
 ) -> dict:
     """Runs the study (module docstring) and returns its record `{'runs', 'summary',
-    'phases', 'method_configs'}`.
+    'phases', 'method_configs'}` (with `return_models`, also `'models'`).
 
     runs: the (seed, forget set) runs; every method runs once per run, from the original
       of the run's seed. methods: method configs (`camu_jax.methods.get(name, **settings)`),
@@ -370,6 +404,13 @@ def run_study(
       cores are idle while the device trains) and in one process; off on a CPU, where the
       thread would take cores from training and the layout is chosen by timing.
     use_scan: scanned chunks or one call per step (default: the engine's, by backend).
+    originals: `{seed: variables}` of trained originals to start from, one for every seed of
+      `runs` (checked by the caller, `camu_jax.compare`): no original phase runs, their
+      `seconds` are None, and the methods' checkpoints in `store` name their digest.
+    return_models: add `'models'`: `{'original' | 'retrain' | row label: [variables or None
+      (diverged) per run]}`, host arrays (not JSON: leave it out of results files).
+    methods: besides population methods, `camu_jax.methods.from_function` methods, run member
+      by member.
     """
     if on_divergence not in ("record", "raise"):
         raise ValueError(f"on_divergence must be 'record' or 'raise', got {on_divergence!r}")
@@ -399,6 +440,9 @@ def run_study(
         store,
         progress,
         use_scan,
+        None
+        if originals is None
+        else {seed: checkpointing.state_digest(v) for seed, v in originals.items()},
     )
     record = on_divergence == "record"
     inapplicable = []
@@ -437,6 +481,8 @@ def run_study(
             workers=eval_workers,
             wait=False,
             skip_nonfinite=record and method not in BASELINES,
+            progress=progress,
+            desc=f"evaluation {method}",
         )
         for i, why in pending[method].unscored.items():
             diverged.setdefault(method, {}).setdefault(i, why)
@@ -448,12 +494,18 @@ def run_study(
     # accelerators), while the originals and retrains train.
     ahead = _CompileAhead(s, groups, labels, on_divergence, compile_ahead, log)
     try:
-        timer = engine.Timer()
-        originals = s.originals()
-        restored = all(info["epochs_run"] == 0 for _, info in originals.values())
-        phases.append(_phase("original", timer, len(originals), restored=restored))
+        if originals is None:
+            timer = engine.Timer()
+            originals = s.originals()
+            restored = all(info["epochs_run"] == 0 for _, info in originals.values())
+            phases.append(_phase("original", timer, len(originals), restored=restored))
+        else:  # given: nothing trained, no time of training
+            given = {"seconds": None, "run_seconds": None, "compile_seconds": None}
+            given.update(epochs=[], log_dir=None)  # the keys of a trained model's info
+            originals = {seed: (v, given) for seed, v in originals.items()}
         models = {"original": [originals[r.seed][0] for r in runs]}
-        seconds = {"original": [originals[r.seed][1]["seconds"] for r in runs]}
+        # Per model, its phase's info: seconds, per-epoch means, step logs.
+        seconds = {"original": [originals[r.seed][1] for r in runs]}
         submit("original", models["original"])
 
         timer = engine.Timer()
@@ -461,7 +513,7 @@ def run_study(
         restored = all(info["epochs_run"] == 0 for _, info in retrains)
         phases.append(_phase("retrain", timer, len(runs), restored=restored))
         models["retrain"] = [v for v, _ in retrains]
-        seconds["retrain"] = [info["seconds"] for _, info in retrains]
+        seconds["retrain"] = [info for _, info in retrains]
         submit("retrain", models["retrain"])
 
         infos = {}
@@ -481,7 +533,7 @@ def run_study(
             )
             for label in group_labels:
                 infos[label] = [info for _, info in out[label]]
-                seconds[label] = [info["seconds"] for info in infos[label]]
+                seconds[label] = infos[label]
                 for i, info in enumerate(infos[label]):
                     if "diverged" in info:
                         diverged.setdefault(label, {})[i] = info["diverged"]
@@ -539,16 +591,15 @@ def run_study(
         for i, run in enumerate(runs):
             entries = {
                 m: (
-                    {"diverged": diverged[m][i], "seconds": seconds[m][i]}
+                    {"diverged": diverged[m][i], **_times(seconds[m][i])}
                     if scores[m][i] is None
-                    else {**scores[m][i], "seconds": seconds[m][i]}
+                    else {**scores[m][i], **_times(seconds[m][i])}
                 )
                 for m in order
             }
             metrics.add_gaps(entries)
             for name, info in infos.items():
                 entries[name]["construct_seconds"] = info[i]["construct_seconds"]
-                entries[name]["compile_seconds"] = info[i]["compile_seconds"]
             classes = run.classes
             entry = {
                 "forget_class": classes[0] if classes and len(classes) == 1 else classes,
@@ -558,6 +609,11 @@ def run_study(
             }
             if inapplicable[i]:
                 entry["not_applicable"] = inapplicable[i]
+            # Per model, the means of each epoch's steps (stage, epoch, steps, losses, learning
+            # rates), and where its step logs are (`camu_jax.logs`).
+            entry["losses"] = {m: seconds[m][i]["epochs"] for m in order}
+            if log_dirs := {m: seconds[m][i]["log_dir"] for m in order if seconds[m][i]["log_dir"]}:
+                entry["logs"] = log_dirs
             if curves:
                 entry["relearn"] = {m: curves[(m, i)] for m in relearned if (m, i) in curves}
             out_runs.append(entry)
@@ -566,11 +622,14 @@ def run_study(
                 f"warning: {method} diverged on {len(of)} of {len(runs)} runs "
                 f"({', '.join(runs[i].name or str(i) for i in sorted(of))}); its cells say so"
             )
-        return {
+        out = {
             "method_configs": {label: dataclasses.asdict(c) for label, c in configs.items()},
             "runs": out_runs,
             "summary": summarize(out_runs),
             "phases": phases,
         }
+        if return_models:
+            out["models"] = {m: models[m] for m in order}
+        return out
     finally:
         ahead.close()

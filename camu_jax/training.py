@@ -85,6 +85,7 @@ def _stage(model, config: TrainConfig, spec: InputSpec, plan=None, chunk: int = 
         plan=plan,
         epochs=config.epochs,
         chunk=chunk,
+        learning_rates=lambda i, epoch: {"learning_rate": config.learning_rate},
     )
 
 
@@ -148,8 +149,11 @@ def train_population(
         running (`runner.compile_ahead`; `variables` may be stand-ins of the right shapes).
 
     Returns per member `(variables, info)` (`runner.run`'s info: `epochs_run`,
-    `resumed_from`, `losses`, `seconds`, `compile_seconds`...); `seconds` is the member's
-    share of its wave's wall time (earlier sessions' time included). A finished member is
+    `resumed_from`, `losses`, `epochs` (per-epoch means), `seconds`, `run_seconds`,
+    `compile_seconds`...); `seconds` is the member's measured share of the phase's time
+    (`camu_jax.runner`: its compile share plus its run share; earlier sessions' included).
+    Inside `camu_jax.logs.log_to(root)` every member's per-step loss and learning rate go to
+    `<root>/<desc>/<member>/` (TensorBoard events and `train.csv`). A finished member is
     restored without training.
     """
     config.validate()

@@ -17,7 +17,14 @@ from camu_jax.models import create_model
 from camu_jax.study import Run, run_study
 from camu_jax.training import TrainConfig
 
-TIMES = ("seconds", "construct_seconds", "compile_seconds", "rte")
+TIMES = (
+    "seconds",
+    "construct_seconds",
+    "compile_seconds",
+    "rte",
+    "run_seconds",
+    "rte_with_compile",
+)
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def test_one_spelling_of_mia_efficacy():
     assert compare.GAP_KEYS is results.GAP_KEYS
     assert "mia_efficacy" in results.METRIC_KEYS
     # Every key a run record holds has a title and a unit.
-    for key in (*results.METRIC_KEYS, "avg_gap", "seconds", "rte"):
+    for key in (*results.METRIC_KEYS, "avg_gap", *results.TIME_KEYS):
         assert results.METRICS[key].title and results.METRICS[key].unit
     for columns in (
         results.SALUN_COLUMNS,
@@ -52,6 +52,7 @@ def test_one_spelling_of_mia_efficacy():
         results.PER_CLASS_COLUMNS,
         results.TABLE_COLUMNS,
         results.RUN_COLUMNS,
+        results.TIME_COLUMNS,
     ):
         assert set(columns) <= set(results.METRICS)
 
@@ -161,3 +162,50 @@ def test_missing_values_and_no_runs():
     assert "| Retrain | – |" in results.table(runs, ("UA",), markdown=True)  # noqa: RUF001
     with pytest.raises(ValueError, match="at least one run"):
         results.table([])
+
+
+def test_times_split_into_compile_and_run():
+    """A method's entry: `seconds` = `compile_seconds` + `run_seconds`; `rte` of the run
+    seconds, `rte_with_compile` of `seconds`; the CLI's table of times shows all five, and a
+    diverged method's times carry no "*" (they are measured all the same)."""
+    assert results.TIME_COLUMNS == (
+        "compile_seconds",
+        "run_seconds",
+        "seconds",
+        "rte",
+        "rte_with_compile",
+    )
+    assert set(results.TIME_KEYS) <= set(results.METRIC_ORDER)
+    assert results.METRICS["run_seconds"].unit == "s"
+    assert results.METRICS["rte_with_compile"].unit == "ratio"
+    m = {
+        name: {
+            **dict.fromkeys(results.METRIC_KEYS, 50.0),
+            "seconds": total,
+            "run_seconds": run_s,
+            "compile_seconds": total - run_s,
+        }
+        for name, total, run_s in (("original", 3.0, 2.5), ("retrain", 2.0, 2.0), ("ga", 1.5, 0.5))
+    }
+    metrics.add_gaps(m)
+    assert m["ga"]["rte"] == 4.0 and m["ga"]["rte_with_compile"] == pytest.approx(2.0 / 1.5)
+    lines = results.table([{"methods": m}], results.TIME_COLUMNS).splitlines()
+    assert lines[0].split() == [
+        "method",
+        "compile",
+        "s",
+        "run",
+        "s",
+        "time",
+        "s",
+        "RTE",
+        "RTE+comp",
+    ]
+    assert lines[3].split() == ["ga", "1.00", "0.50", "1.50", "4.00", "1.33"]
+    assert lines[1].split()[-2:] == ["-", "-"]  # the original has no RTE
+    m["ga"] = {"diverged": "non-finite loss", **{k: m["ga"][k] for k in results.TIME_COLUMNS}}
+    runs = [{"methods": m}, {"methods": {**m, "ga": {**m["ga"], "seconds": 2.5}}}]
+    ga = results.cell(runs, "ga", "seconds")
+    assert ga == "2.00 ± 0.50"  # members that differ: no "± 0.00", no "*"
+    summary = results.summarize(runs)["ga"]
+    assert "run_seconds" in summary and "rte_with_compile" in summary

@@ -78,7 +78,14 @@ def test_waves_and_studies_reuse_every_program(tmp_path):
     assert all(p["programs_compiled"] == 0 for p in third["phases"]), third["phases"]
 
 
-TIMES = ("seconds", "construct_seconds", "compile_seconds", "rte")
+TIMES = (
+    "seconds",
+    "construct_seconds",
+    "compile_seconds",
+    "rte",
+    "run_seconds",
+    "rte_with_compile",
+)
 ONE_AT_A_TIME = ("--population-size", "1", "--eval-workers", "1", "--original-epochs", "1")
 
 

@@ -16,7 +16,14 @@ from experiments.cli import config_from_args
 from experiments.configs import ExperimentConfig, read_study, to_toml
 from experiments.unlearn import build_parser
 
-TIMES = ("seconds", "construct_seconds", "compile_seconds", "rte")
+TIMES = (
+    "seconds",
+    "construct_seconds",
+    "compile_seconds",
+    "rte",
+    "run_seconds",
+    "rte_with_compile",
+)
 
 
 def _config(*flags: str) -> ExperimentConfig:

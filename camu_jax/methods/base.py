@@ -28,7 +28,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from camu_jax import checks, engine, runner, sharding
+from camu_jax import checks, engine, logs, runner, sharding
 from camu_jax import keys as host_keys
 from camu_jax.data.pipeline import DeviceData, InputSpec, item_keys, preprocess, shuffled_batches
 from camu_jax.data.splits import Splits
@@ -331,9 +331,10 @@ def run_population(
     configs that differ only in data settings, `Method.static_settings`, run as one
     population on one set of programs).
 
-    info: `seconds` (the member's share of its wave's wall time: preparation + unlearning,
-    compile included, the reference's "time"), `construct_seconds` (preparation),
-    `compile_seconds`, `losses` (per chunk means), `steps`, `epochs_run`, `resumed_from`.
+    info: `seconds` (`run_seconds` + `compile_seconds`, the member's measured share of the
+    phase's time: preparation + unlearning, `camu_jax.runner`), `construct_seconds`
+    (preparation), `losses` (per chunk means), `epochs` (per-epoch means), `steps`,
+    `epochs_run`, `resumed_from`, `log_dir` (step logs inside `camu_jax.logs.log_to`).
 
     `checkpoint_dirs[i]` (None: none) is where member i's state is saved at epoch ends (every
     `checkpoint_every` seconds, and after its last epoch) with the JSON identity `metas[i]`,
@@ -393,6 +394,7 @@ def run_population(
             plan=lambda i, epoch: plans[i][k](ctxs[i], epoch),
             epochs=st.epochs,
             chunk=max(1, min(chunk_steps, longest)),
+            learning_rates=lambda i, epoch: logs.learning_rates(configs[i]),
         )
 
     phase = runner.Phase(
