@@ -7,9 +7,12 @@ its `Run`s and checkpoint `Store`) and the comparison. The
 pieces below them (steps, losses, states, forward passes, counterfactuals) are reached through
 their modules: `camu_jax.methods.camu` (`camu_step`, `CamuState`...), `camu_jax.steps`,
 `camu_jax.losses`, `camu_jax.prediction`, `camu_jax.counterfactual`, `camu_jax.models`.
+`audit` runs the population audits (U-LiRA, KLOM, the NeurIPS 2023 epsilon score); their
+pieces are in `camu_jax.audits`.
 """
 
 from camu_jax import methods
+from camu_jax.audits import audit
 from camu_jax.compare import compare, table
 from camu_jax.data import DeviceData, ForgetSpec, make_splits
 from camu_jax.evaluation import evaluate, score
@@ -36,6 +39,7 @@ __all__ = [
     "Run",
     "Store",
     "TrainConfig",
+    "audit",
     "camu_preset",
     "compare",
     "create_model",
