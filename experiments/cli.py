@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from simple_parsing.docstring import get_attribute_docstring
 
-from experiments.configs import (
+from .configs import (
     NUM_CLASSES,
     ExperimentConfig,
     apply_settings,
@@ -126,7 +126,7 @@ ALIASES = {"camu.kl_lr": ("--kl-lr",), "camu.impair_lr": ("--impair-lr",)}
 DEFAULT_NOTES = {
     "forget_classes": "0",
     "model": "cnn for MNIST-like data, resnet18 for CIFAR",
-    "workdir": "runs/<dataset>-<model>-<scenario>",
+    "workdir": "runs/<dataset>-<forget set>-<hash of the settings that change results>",
     "camu.batch_size": "--batch-size",
     "method_settings": "each method's defaults for the dataset, docs/methods.md",
 }
@@ -314,8 +314,6 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     nested = {k: given.pop(k) for k in [k for k, v in given.items() if isinstance(v, dict)]}
     dataset = given.get("dataset", ExperimentConfig.dataset)
     given.setdefault("model", default_model(dataset))
-    scenario = given.get("scenario", ExperimentConfig.scenario)
-    given.setdefault("workdir", str(Path("runs") / f"{dataset}-{given['model']}-{scenario}"))
     if given.get("forget_classes") == "all":
         if dataset not in NUM_CLASSES:
             raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(NUM_CLASSES)}")
@@ -347,4 +345,15 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             resolved += [(name, k, v) for k, v in values.items()]
     config = dataclasses.replace(config, method_settings=tuple(resolved))
     config.validate()
+    if "workdir" not in given:
+        # Named after the settings, so that another study never writes over this one's
+        # results; the default studies share one checkpoint folder, so that the models
+        # they share (originals, retrains) are trained once.
+        from .outputs import DEFAULT_ROOT, default_workdir
+
+        config = dataclasses.replace(
+            config,
+            workdir=default_workdir(config),
+            checkpoint_dir=config.checkpoint_dir or str(DEFAULT_ROOT / "checkpoints"),
+        )
     return config

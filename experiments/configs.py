@@ -81,7 +81,9 @@ class ExperimentConfig:
     # usable cores; 1: in this process). The metric values do not depend on it.
     eval_workers: int | None = None
     workdir: str = "runs/default"  # results, splits, reports
-    checkpoint_dir: str | None = None  # trained models, reused (default <workdir>/checkpoints)
+    # Trained models, reused (default <workdir>/checkpoints; runs/checkpoints, shared by the
+    # default work dirs, when --workdir is left out)
+    checkpoint_dir: str | None = None
     # Seconds between two checkpoints of a model in training or unlearning (saved at the end
     # of an epoch; always after the last): a killed study resumes from the last one
     checkpoint_every: float = 60.0

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     base = [
         sys.executable,
         "-m",
-        "experiments.unlearn",
+        f"{__package__}.unlearn",
         "--no-progress",
         "--dataset",
         "mnist",

@@ -1,4 +1,4 @@
-"""Reports from a ``results.json``: CSV, Markdown tables and PNG plots.
+"""Reports from a ``results.json``: CSV, Markdown tables and figures (PNG, PDF and SVG).
 
 Every file is written to a temporary file in the same directory and moved into place with
 ``os.replace`` (atomic on POSIX), so an interrupted run leaves the previous report or none,
@@ -9,6 +9,7 @@ never half of one. Plots draw on ``matplotlib.figure.Figure`` with an Agg canvas
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import os
@@ -18,9 +19,11 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from camu_jax.metrics import mean_std
 from camu_jax.results import (
@@ -49,9 +52,14 @@ __all__ = [
     "SALUN_COLUMNS",
     "atomic_write_bytes",
     "build_reports",
+    "figure_files",
     "method_order",
+    "method_styles",
+    "per_class_figure",
+    "relearn_figure",
     "remove_stale_temp_files",
     "summarize",
+    "write_figures",
 ]
 SPLIT_KEYS = ("forget", "remain", "sample", "test")
 
@@ -270,23 +278,178 @@ def _markdown_text(results: Mapping, runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _png_bytes(fig: Figure) -> bytes:
+# -- figures -----------------------------------------------------------------------------------
+
+# Every known method's place in the palette, fixed so that a method looks the same in every
+# figure of every study: the baselines, CaMU, then camu_jax.methods' registry order. Other
+# names (new methods, a sweep's points) take the places after these (`method_styles`).
+STYLED_METHODS = (
+    "original",
+    "retrain",
+    "camu",
+    "ft",
+    "ga",
+    "neggrad_plus",
+    "rl",
+    "boundary_shrink",
+    "boundary_expand",
+    "amnesiac",
+    "unsir",
+    "bad_teacher",
+    "scrub",
+    "salun",
+    "l1_sparse",
+    "ssd",
+    "unrolling",
+)
+# Twenty colours from Okabe & Ito's and Paul Tol's colour-blind-safe sets (none lighter than
+# L* 80, so each shows on white), in the places of STYLED_METHODS then three for other names:
+# no two closer than CIEDE2000 14.7. Twenty colours cannot all stay apart for a colour-blind
+# reader, so a place also has a marker and a line: places k and k + 10 share a marker shape,
+# the second hollow and dashed (colours chosen so that those pairs differ in hue as well), so
+# that marker, fill and line alone tell the twenty places apart in greyscale too.
+PALETTE = (
+    "#000000",  # original: black
+    "#888888",  # retrain: grey
+    "#0072B2",  # camu: blue
+    "#E69F00",  # ft: orange
+    "#882255",  # ga: wine
+    "#225555",  # neggrad_plus: dark teal
+    "#66CCEE",  # rl: cyan
+    "#BBCC33",  # boundary_shrink: lime
+    "#FFAABB",  # boundary_expand: pink
+    "#225522",  # amnesiac: dark green
+    "#EE3377",  # unsir: magenta
+    "#332288",  # bad_teacher: indigo
+    "#228833",  # scrub: green
+    "#6699CC",  # salun: light blue
+    "#44BB99",  # l1_sparse: mint
+    "#EE8866",  # ssd: salmon
+    "#D55E00",  # unrolling: vermillion
+    "#997700",  # other names: ochre,
+    "#666633",  # olive,
+    "#CC79A7",  # mauve
+)
+MARKERS = ("o", "s", "*", "D", "^", "v", "P", "X", "h", "<")
+LINESTYLES = ("-", "--", "-.", ":")
+FIGURE_FORMATS = ("png", "pdf", "svg")
+# Figures for print: type-42 (TrueType) fonts in PDF, as publishers ask; a fixed SVG id salt so
+# that the same results give the same bytes.
+_RC = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "pdf.fonttype": 42,
+    "svg.hashsalt": "camu-jax",
+}
+_SAVE = {
+    "png": {"dpi": 150},
+    "pdf": {"metadata": {"CreationDate": None}},
+    "svg": {"metadata": {"Date": None}},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """How one method is drawn: colour, marker shape, whether the marker is filled, line."""
+
+    color: str
+    marker: str
+    filled: bool
+    linestyle: str
+
+    def line(self, **kw) -> dict:
+        """Keywords of `Axes.plot` / `Line2D` for this style."""
+        size = 8.5 if self.marker == "*" else 6.0  # a star looks smaller than the others
+        return {
+            "color": self.color,
+            "marker": self.marker,
+            "markersize": size,
+            "markerfacecolor": self.color if self.filled else "white",
+            "markeredgecolor": self.color,
+            "linestyle": self.linestyle,
+            **kw,
+        }
+
+
+def _style(place: int) -> Style:
+    """Place `place`'s style: colours repeat after 20 places, marker and line after 40."""
+    half = (place // len(MARKERS)) % len(LINESTYLES)
+    return Style(
+        color=PALETTE[place % len(PALETTE)],
+        marker=MARKERS[place % len(MARKERS)],
+        filled=half % 2 == 0,
+        linestyle=LINESTYLES[half],
+    )
+
+
+def method_styles(names) -> dict[str, Style]:
+    """`{name: Style}` for `names` (in their order): a method of STYLED_METHODS has its own
+    fixed style; the other names take the places after those, in sorted order, so that up to
+    20 names differ in colour, and in marker and line, and a name keeps its style across the
+    figures of one study."""
+    names = list(dict.fromkeys(names))
+    others = sorted(n for n in names if n not in STYLED_METHODS)
+    place = {n: STYLED_METHODS.index(n) for n in names if n in STYLED_METHODS}
+    place.update({n: len(STYLED_METHODS) + i for i, n in enumerate(others)})
+    return {n: _style(place[n]) for n in names}
+
+
+def _handle(style: Style, label: str, **kw) -> Line2D:
+    return Line2D([], [], label=label, **style.line(**kw))
+
+
+def _legend_outside(fig: Figure, handles: list[Line2D]) -> None:
+    """The legend to the right of every axes (constrained layout makes room for it)."""
+    if not handles:
+        return
+    fig.legend(
+        handles=handles,
+        loc="outside right upper",
+        ncols=1 if len(handles) <= 20 else 2,
+        frameon=False,
+        handlelength=2.6,
+    )
+
+
+def _figure_bytes(fig: Figure, fmt: str) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format=fmt, bbox_inches="tight", pad_inches=0.04, **_SAVE[fmt])
     return buf.getvalue()
 
 
-def _per_class_png(runs: list[dict]) -> bytes:
+def _group_name(group: tuple[int, ...] | None) -> str:
+    if group is None:
+        return "random"
+    return f"class{'es' if len(group) > 1 else ''} {_group_label(group)}"
+
+
+def _study_methods(runs: list[dict]) -> list[str]:
+    """Every method of the study, the relearned ones included: one style set for all figures."""
+    return method_order([*runs, *({"methods": r.get("relearn") or {}} for r in runs)])
+
+
+def per_class_figure(runs: list[dict]) -> Figure:
+    """Accuracy on D_f and on D_r per forgotten class group (or the random split), each method
+    a marker at its mean over seeds with a ±1 std bar; Retrain's mean, the target, is also a
+    dotted line across its group."""
     methods = method_order(runs)
+    styles = method_styles(_study_methods(runs))
     groups = _classes(runs) or [None]
-    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) * len(methods)), 6.5))
+    width = min(16.0, max(6.5, 2.0 + 0.13 * len(methods) * len(groups)))
+    fig = Figure(figsize=(width, 5.0), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
-    width = 0.8 / len(methods)
+    step = 0.8 / max(1, len(methods))
     x = np.arange(len(groups))
-    for ax, key, title in (
-        (axes[0], "forget_train_acc", "Forget-train accuracy (D_f)"),
-        (axes[1], "remain_train_acc", "Remain-train accuracy (D_r)"),
+    for ax, key, title, set_name in (
+        (axes[0], "forget_train_acc", "Forgetting set", "D_f"),
+        (axes[1], "remain_train_acc", "Remaining set", "D_r"),
     ):
         for j, method in enumerate(methods):
             stats = []
@@ -299,30 +462,39 @@ def _per_class_png(runs: list[dict]) -> bytes:
                 ]
                 stats.append(mean_std(values) if values else (np.nan, 0.0))
             means, stds = np.array(stats).T
-            ax.bar(
-                x + (j - (len(methods) - 1) / 2) * width,
+            style = styles[method]
+            ax.errorbar(
+                x + (j - (len(methods) - 1) / 2) * step,
                 means,
-                width,
                 yerr=stds,
-                capsize=3,
-                color=f"C{j}",
-                label=method_title(method),
+                capsize=2,
+                elinewidth=0.9,
+                zorder=3,
+                **style.line(linestyle="none"),
             )
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(0, 105)
-        ax.set_title(title)
-    axes[1].set_xticks(
-        x,
+            if method == "retrain":
+                ax.hlines(means, x - 0.45, x + 0.45, colors=style.color, linestyles=":", zorder=1)
+        for boundary in x[:-1] + 0.5:
+            ax.axvline(boundary, color="#DDDDDD", linewidth=0.8, zorder=0)
+        ax.set_ylabel(f"accuracy on {set_name} (%)")
+        ax.set_ylim(-3, 103)
+        ax.set_title(title, loc="left")
+    axes[1].set_xticks(x, [_group_name(g) for g in groups])
+    axes[1].set_xlim(-0.5, len(groups) - 0.5)
+    _legend_outside(
+        fig,
         [
-            "random" if g is None else f"class{'es' if len(g) > 1 else ''} {_group_label(g)}"
-            for g in groups
+            _handle(styles[m], method_title(m), linestyle=":" if m == "retrain" else "none")
+            for m in methods
         ],
     )
-    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png_bytes(fig)
+    return fig
 
 
-def _relearn_png(runs: list[dict]) -> bytes | None:
+def relearn_figure(runs: list[dict]) -> Figure | None:
+    """The relearning curves: the gap acc(D_r) - acc(D_f) while the unlearned models train on
+    D_r, one thin line per run and, where the runs share a batch grid, a thick line with
+    markers for their mean; None when no run has curves."""
     curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for run in runs:
         for method, data in (run.get("relearn") or {}).items():
@@ -332,45 +504,75 @@ def _relearn_png(runs: list[dict]) -> bytes | None:
                 )
     if not curves:
         return None
-    fig = Figure(figsize=(7.0, 4.5))
+    styles = method_styles(_study_methods(runs))
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.subplots()
-    # Colour by position among all methods so a method has the same colour in every plot.
-    order = method_order([*runs, {"methods": curves}])
-    for method in (m for m in order if m in curves):
-        color = f"C{order.index(method)}"
+    handles = []
+    order = [m for m in _study_methods(runs) if m in curves]
+    most = max(len(c) for c in curves.values())
+    for j, method in enumerate(order):
+        style = styles[method]
+        width = 2.4 if method == "camu" else 1.5
+        z = 4 if method == "camu" else 3
         for batches, gap in curves[method]:
-            ax.plot(batches, gap, color=color, alpha=0.3, linewidth=1)
+            ax.plot(
+                batches,
+                gap,
+                color=style.color,
+                linestyle=style.linestyle,
+                alpha=0.3,
+                linewidth=0.7,
+                zorder=z - 1,
+            )
         # A mean curve only makes sense when every run logged the same batch grid.
         grid = curves[method][0][0]
         if all(b.shape == grid.shape and np.allclose(b, grid) for b, _ in curves[method]):
             mean = np.mean([g for _, g in curves[method]], axis=0)
+            every = max(1, len(grid) // 6)
+            # Staggered, so that curves running together still show every marker.
             ax.plot(
-                grid,
-                mean,
-                color=color,
-                linewidth=2.2,
-                label=f"{method_title(method)} (mean of {len(curves[method])})",
+                grid, mean, markevery=(j % every, every), linewidth=width, zorder=z, **style.line()
             )
-        else:
-            ax.plot([], [], color=color, label=method_title(method))
-    ax.set_xlabel("relearning batches on D_r")
-    ax.set_ylabel("acc(D_r) - acc(D_f)  (points)")
-    ax.set_title("Relearning: a flat gap means forgotten information stays forgotten")
-    ax.legend()
-    return _png_bytes(fig)
+        label = method_title(method)
+        if len(curves[method]) < most:  # diverged runs have no curve
+            label += f" ({len(curves[method])} of {most} runs)"
+        handles.append(_handle(style, label, linewidth=width))
+    ax.set_xlabel("batches of relearning on D_r")
+    ax.set_ylabel("acc(D_r) - acc(D_f) (points)")
+    ax.set_title("Relearning", loc="left")
+    _legend_outside(fig, handles)
+    return fig
+
+
+def figure_files(runs: list[dict]) -> dict[str, bytes]:
+    """`{file name: bytes}` of every figure of `runs`, each as PNG, PDF and SVG:
+    per_class_accuracy.*, and relearning.* when any run has relearning curves."""
+    out = {}
+    with matplotlib.rc_context(_RC):
+        for stem, make in (
+            ("per_class_accuracy", per_class_figure),
+            ("relearning", relearn_figure),
+        ):
+            fig = make(runs)
+            if fig is not None:
+                out.update({f"{stem}.{fmt}": _figure_bytes(fig, fmt) for fmt in FIGURE_FORMATS})
+    return out
+
+
+def write_figures(results: Mapping, directory: Path) -> list[Path]:
+    """Write the figures of `results` (`figure_files`) into `directory`; return their paths."""
+    files = figure_files(_check_results(results))
+    return [atomic_write_bytes(Path(directory) / name, data) for name, data in files.items()]
 
 
 def build_reports(results: Mapping, workdir: Path) -> list[Path]:
-    """Write ``results.csv``, ``results.md``, ``per_class_accuracy.png`` and, when any run has
-    relearning curves, ``relearning.png`` into ``workdir``; return the paths written."""
+    """Write ``results.csv``, ``results.md`` and the figures (``per_class_accuracy`` and, when
+    any run has relearning curves, ``relearning``, each as .png, .pdf and .svg) into
+    ``workdir``; return the paths written."""
     runs = _check_results(results)
     workdir = Path(workdir)
     written = [
         atomic_write_bytes(workdir / "results.csv", _csv_text(results, runs).encode()),
         atomic_write_bytes(workdir / "results.md", _markdown_text(results, runs).encode()),
-        atomic_write_bytes(workdir / "per_class_accuracy.png", _per_class_png(runs)),
     ]
-    relearn = _relearn_png(runs)
-    if relearn is not None:
-        written.append(atomic_write_bytes(workdir / "relearning.png", relearn))
-    return written
+    return written + write_figures(results, workdir)

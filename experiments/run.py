@@ -19,18 +19,20 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from camu_jax import checkpointing, sharding
+from camu_jax import checkpointing, logs, sharding
 from camu_jax.data.loading import load_dataset
 from camu_jax.data.pipeline import DeviceData, input_spec_for
 from camu_jax.data.splits import make_splits
 from camu_jax.models import create_model
 from camu_jax.relearning import RelearnConfig
-from camu_jax.results import RUN_COLUMNS, table
+from camu_jax.results import RUN_COLUMNS, TIME_COLUMNS, table
 from camu_jax.study import BASELINES, UNLEARNING, Run, Store, folder_name, run_study
 from camu_jax.training import TrainConfig
-from experiments.configs import ExperimentConfig, to_toml
-from experiments.outputs import check_output_paths
-from experiments.reporting import atomic_write_bytes, build_reports, remove_stale_temp_files
+from camu_jax.versions import versions
+
+from .configs import ExperimentConfig, to_toml
+from .outputs import LOGS, check_output_paths
+from .reporting import atomic_write_bytes, build_reports, remove_stale_temp_files
 
 
 def _clean(x):
@@ -65,7 +67,9 @@ def _mesh(config: ExperimentConfig):
 
 def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
     """Runs the study of `config`; writes `config.toml`, the split files, `results.json` and
-    the reports (atomically) into `config.workdir`; returns the results dict.
+    the reports (atomically) into `config.workdir`, and every phase's step logs (per member:
+    TensorBoard events and CSV, `camu_jax.logs`) into `<workdir>/logs/<phase>/<member>/`;
+    returns the results dict.
 
     The work dir is locked (`checkpointing.lock_directory`) from before its first file is
     written until the end: a second run on it raises `checkpointing.DirectoryInUseError`
@@ -125,37 +129,24 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
             learning_rate=config.learning_rate,
             weight_decay=config.weight_decay,
         )
-        record = run_study(
-            model,
-            train=train,
-            test=test,
-            runs=runs,
-            methods=list(config.method_groups().values()),
-            train_config=train_config,
-            num_classes=data.num_classes,
-            relearning=(
-                RelearnConfig(
-                    train=dataclasses.replace(train_config, epochs=1), every=config.relearn_every
-                )
-                if config.relearn
-                else None
-            ),
-            population_size=config.population_size,
-            eval_workers=config.eval_workers,
-            on_divergence="record" if config.on_divergence == "record" else "raise",
-            store=store,
-            progress=config.progress,
-            log=log,
-        )
+        with logs.log_to(workdir / LOGS):
+            record = _study(model, train, test, runs, config, data, train_config, store, log)
         entries = []
         for run, entry in zip(runs, record["runs"], strict=True):
             head = f"forget {entry['forget_class']} seed {entry['seed']}"
-            log(table([entry], RUN_COLUMNS, caption=f"{head}  sizes {entry['split_sizes']}"))
+            # The times below the metrics, after a blank line: compiling and running apart.
+            log(
+                table([entry], RUN_COLUMNS, caption=f"{head}  sizes {entry['split_sizes']}")
+                + "\n\n"
+                + table([entry], TIME_COLUMNS, caption="times (s; RTE: Retrain's / the method's)")
+            )
             out = {}
             for key, value in entry.items():
                 out[key] = value
                 if key == "split_sizes":
                     out["split_file"] = f"splits/{run.name}.npz"
+                if key == "logs":  # relative to the work dir, as split_file
+                    out[key] = {m: _relative(path, workdir) for m, path in value.items()}
             entries.append(out)
         results = _clean(
             {
@@ -169,7 +160,8 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
                 "model": config.model,
                 "devices": [str(d) for d in mesh.devices.flat],
                 "mesh": dict(mesh.shape),
-                "versions": {"jax": jax.__version__},
+                # Every version that moves numbers: python, platform, processor, jax...
+                "versions": versions(),
                 "runs": entries,
                 "summary": record["summary"],
                 "phases": record["phases"],
@@ -178,6 +170,38 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         if main:
             _write(results, workdir)
     return results
+
+
+def _relative(path: str, workdir: Path) -> str:
+    try:
+        return str(Path(path).relative_to(workdir))
+    except ValueError:
+        return str(path)
+
+
+def _study(model, train, test, runs, config, data, train_config, store, log) -> dict:
+    return run_study(
+        model,
+        train=train,
+        test=test,
+        runs=runs,
+        methods=list(config.method_groups().values()),
+        train_config=train_config,
+        num_classes=data.num_classes,
+        relearning=(
+            RelearnConfig(
+                train=dataclasses.replace(train_config, epochs=1), every=config.relearn_every
+            )
+            if config.relearn
+            else None
+        ),
+        population_size=config.population_size,
+        eval_workers=config.eval_workers,
+        on_divergence="record" if config.on_divergence == "record" else "raise",
+        store=store,
+        progress=config.progress,
+        log=log,
+    )
 
 
 def _write(results: dict, workdir: Path) -> None:

@@ -6,13 +6,17 @@
 
     python -m experiments.unlearn --methods camu,ft,scrub \
         --set ft.learning_rate=0.05 --set scrub.epochs=5    # any method's setting
-    python -m experiments.unlearn --config runs/digits-cnn-class/config.toml   # rerun a study
+    python -m experiments.unlearn --config runs/digits-class0-<hash>/config.toml  # rerun a study
 
 Every setting of experiments.configs.ExperimentConfig is a flag; CaMU's (camu_jax.CamuConfig)
 are --camu-*, defaulting to the reference preset of the dataset and scenario. Every method's
 settings are --set METHOD.FIELD=VALUE (CaMU's coefficients flat: camu.rep_sample). A study
 file (--config, TOML: what the work dir's config.toml holds) gives any of them; flags given
 beside it win.
+
+Without --workdir a study writes into runs/<dataset>-<forget set>-<hash of its settings> (printed
+at the start), so studies with other settings never write over each other; a --workdir
+whose results.json records other settings is refused, naming them, unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from experiments.cli import add_config_arguments
-    from experiments.configs import ExperimentConfig
+    from .cli import add_config_arguments
+    from .configs import ExperimentConfig
 
     p = argparse.ArgumentParser(
         prog="python -m experiments.unlearn",
@@ -43,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a study file (TOML; a work dir's config.toml reruns its study): top-level keys "
         "as the flags' names with underscores, [method_settings.NAME] tables as --set; the "
         "flags given beside it win",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of another study in --workdir (without it a work dir whose "
+        "results.json records other settings is refused, naming them)",
     )
     p.add_argument(
         "--xla-cache",
@@ -90,7 +100,7 @@ def use_cpu_cores() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments.cli import config_from_args
+    from .cli import config_from_args
 
     args = build_parser().parse_args(argv)
     try:
@@ -98,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         check_writable_dir(Path(config.workdir), "--workdir")
         if config.checkpoint_dir is not None:
             check_writable_dir(Path(config.checkpoint_dir), "--checkpoint-dir")
+        from .outputs import check_workdir_study, default_workdir, settings_of
+
+        default = default_workdir(config)
+        if not args.overwrite:
+            check_workdir_study(Path(config.workdir), settings_of(config), default=default)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -112,17 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from camu_jax.sharding import maybe_initialize_distributed
-    from experiments.run import run_experiment
+
+    from .run import run_experiment
 
     t0 = time.perf_counter()
     try:
         maybe_initialize_distributed()
+        if jax.process_index() == 0:
+            named = " (named after the settings)" if config.workdir == default else ""
+            print(f"work dir: {config.workdir}{named}", flush=True)
         results = run_experiment(config)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # A full disk, a folder in the way: one line naming the path.
-        from experiments.outputs import os_error_line
+        from .outputs import os_error_line
 
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
@@ -136,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from experiments.interrupts import stop_on_signals
+    from .interrupts import stop_on_signals
 
     with stop_on_signals():  # Ctrl-C, SIGTERM: one line and exit 130/143 within seconds
         sys.exit(main())

@@ -203,7 +203,8 @@ def test_main_job_names_an_empty_step_folder(workdir):
 
 def test_other_batch_size_trains_its_own_model(workdir):
     (first,) = _original_dirs(workdir)
-    proc = run_main("--workdir", str(workdir), "--batch-size", "16")
+    # (--overwrite: the work dir holds the batch-32 study's results)
+    proc = run_main("--workdir", str(workdir), "--batch-size", "16", "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert results["config"]["batch_size"] == 16

@@ -2,6 +2,7 @@
 config (and beat the preset), forget-index files are read strictly."""
 
 import dataclasses
+import re
 import typing
 
 import numpy as np
@@ -112,7 +113,9 @@ def test_other_settings_reach_the_config(tmp_path):
     assert (config.learning_rate, config.weight_decay, config.relearn_every) == (0.002, 0.0, 7)
     assert not config.relearn and not config.progress
     assert config.checkpoint_dir == str(tmp_path)
-    assert config.workdir == "runs/digits-cnn-class" and config.model == "cnn"
+    # The default work dir is named after the settings (tests/test_output_paths.py).
+    assert re.fullmatch(r"runs/digits-class0\+1-[0-9a-f]{8}", config.workdir), config.workdir
+    assert config.model == "cnn"
     assert parse("--forget-class", "all").forget_classes == tuple((c,) for c in range(10))
 
 

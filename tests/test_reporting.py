@@ -8,14 +8,18 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+from camu_jax.results import BASELINES
 from experiments import reporting
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "results_small.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FORMATS = ("png", "pdf", "svg")
 CSV_COLUMNS = (
     "dataset scenario forget_class seed method n_forget UA RA TA mia_efficacy avg_gap rte "
     "seconds remain_train_acc forget_train_acc test_acc test_remain_acc test_forget_acc mia "
@@ -44,12 +48,109 @@ def _is_png(path: Path) -> bool:
 def test_build_reports_writes_every_file(built):
     tmp_path, written = built
     names = {p.name for p in written}
-    assert names == {"results.csv", "results.md", "per_class_accuracy.png", "relearning.png"}
+    figures = {f"{s}.{f}" for s in ("per_class_accuracy", "relearning") for f in FORMATS}
+    assert names == {"results.csv", "results.md", *figures}
     assert all(p.parent == tmp_path for p in written)
     # Atomic writes leave no temporary files behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     assert _is_png(tmp_path / "per_class_accuracy.png")
     assert _is_png(tmp_path / "relearning.png")
+
+
+def test_every_figure_is_written_as_pdf_and_svg_beside_its_png(built):
+    tmp_path, _ = built
+    for stem in ("per_class_accuracy", "relearning"):
+        pdf = (tmp_path / f"{stem}.pdf").read_bytes()
+        assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF"), stem
+        assert b"Type3" not in pdf  # TrueType fonts, as publishers ask
+        svg = ElementTree.fromstring((tmp_path / f"{stem}.svg").read_bytes())  # well-formed
+        assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+        assert len(svg.findall(".//{http://www.w3.org/2000/svg}path")) > 20, stem  # drawn
+
+
+def test_figures_are_the_same_bytes_for_the_same_results(built, tmp_path):
+    first, _ = built
+    reporting.write_figures(json.loads(FIXTURE.read_text()), tmp_path)
+    for path in tmp_path.iterdir():  # No dates, fixed SVG ids: a rebuild changes nothing.
+        assert path.read_bytes() == (first / path.name).read_bytes(), path.name
+
+
+# -- styles: one per method, distinct, the same in every figure ---------------------------------
+
+KNOWN = (
+    "original retrain camu ft ga neggrad_plus rl boundary_shrink boundary_expand amnesiac unsir "
+    "bad_teacher scrub salun l1_sparse ssd unrolling"
+).split()
+
+
+def _distinct(styles) -> bool:
+    """Distinct colours, and distinct markers and lines without the colours (greyscale)."""
+    styles = list(styles)
+    colors = {s.color for s in styles}
+    shapes = {(s.marker, s.filled, s.linestyle) for s in styles}
+    return len(colors) == len(shapes) == len(styles)
+
+
+def test_every_known_method_has_its_own_color_and_marker():
+    from camu_jax import methods
+
+    assert list(reporting.STYLED_METHODS) == KNOWN
+    styles = reporting.method_styles(KNOWN)
+    assert len({(s.color, s.marker) for s in styles.values()}) == len(KNOWN)
+    assert _distinct(styles.values())
+    # Every method the library knows, a new one included (it takes a place after these).
+    registered = reporting.method_styles([*BASELINES, *methods.names()])
+    assert len({(s.color, s.marker) for s in registered.values()}) == len(registered)
+    # The issue's collisions: CaMU and SCRUB were both green, FT and SalUn both red.
+    assert styles["camu"].color != styles["scrub"].color
+    assert styles["ft"].color != styles["salun"].color
+    # Fixed per name: a method is drawn alike whatever else the study holds.
+    for name in KNOWN:
+        assert reporting.method_styles([name, "retrain"])[name] == styles[name], name
+
+
+def test_twenty_names_stay_distinct_and_others_are_deterministic():
+    others = ["my_method", "ft[learning_rate=0.01]", "ft[learning_rate=0.1]"]
+    styles = reporting.method_styles([*KNOWN, *others])
+    assert len(styles) == 20 and _distinct(styles.values())
+    # None of the other names takes a known method's style, whichever come with them.
+    assert reporting.method_styles(["camu", *others]) == {n: styles[n] for n in ["camu", *others]}
+    assert reporting.method_styles(reversed(others)) == {n: styles[n] for n in others}
+    twenty_new = reporting.method_styles([f"method{i}" for i in range(20)])
+    assert _distinct(twenty_new.values())
+    # Colours must show on white: none lighter than L* 80 (luminance 0.57).
+    for color in reporting.PALETTE:
+        r, g, b = (int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))
+        lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+        assert 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2] < 0.57, color
+
+
+def _all_methods(results: dict) -> dict:
+    """The fixture with every known method (CaMU's scores and curves under each name)."""
+    results = copy.deepcopy(results)
+    for run in results["runs"]:
+        for name in KNOWN[3:]:
+            run["methods"][name] = dict(run["methods"]["camu"])
+            run["relearn"][name] = dict(run["relearn"]["camu"])
+    return results
+
+
+@pytest.mark.parametrize("every_method", [False, True], ids=["3 methods", "17 methods"])
+def test_legends_sit_outside_the_data_and_titles_are_short(results, every_method):
+    runs = (_all_methods(results) if every_method else results)["runs"]
+    for fig in (reporting.per_class_figure(runs), reporting.relearn_figure(runs)):
+        FigureCanvasAgg(fig).draw()
+        to_figure = fig.transFigure.inverted()
+        (legend,) = fig.legends
+        box = legend.get_window_extent().transformed(to_figure)
+        relearning = fig.axes[0].get_title(loc="left") == "Relearning"  # no curve: Original
+        assert len(legend.get_texts()) == (17 if every_method else 3) - relearning
+        for ax in fig.axes:
+            axes_box = ax.get_position()  # figure coordinates
+            assert box.x0 >= axes_box.x1 or box.y1 <= axes_box.y0, (box, axes_box)
+            title = ax.get_title(loc="left") or ax.get_title()
+            assert 0 < len(title.split()) <= 3 and len(title) <= 24, title
+        assert not fig.texts  # no suptitle: details go to the axis labels and the captions
 
 
 def test_csv_has_one_row_per_run_and_method(results, built):

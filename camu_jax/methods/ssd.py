@@ -17,8 +17,9 @@ in class order (their `build_retain_forget_sets` lists items class by class); ev
 (BatchNorm scale and bias included, running statistics not) may be dampened.
 
 As a population, one stage and one program: the D_f batches, then the D_r batches (sums of
-squared gradients and batch counts), then one step that dampens (each plan row says which). Their D loader is
-`ConcatDataset((D_r, D_f))` in batches of 64; here D's batches are D_r's then D_f's, so
+squared gradients and batch counts), then one step that dampens (each plan row says which).
+Their D loader is `ConcatDataset((D_r, D_f))` in batches of 64; here D's batches are D_r's
+then D_f's, so
 
     I_f = S_f / n_f,   I_D = (S_r + S_f) / (n_r + n_f)
 

@@ -3,6 +3,7 @@
 python -m experiments.benchmark --out FILE.json [--quick] [--only SECTIONS] [--mnist-dir DIR]
 python -m experiments.benchmark --out FILE.json --only study [--study-dataset mnist ...]
 python -m experiments.benchmark --out FILE.json --only compile [--compile-jobs main,tune ...]
+python -m experiments.benchmark --out FILE.json --only audit [--audit-args '...']
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.benchmark import compile as compile_part
-from experiments.benchmark import study
-from experiments.benchmark.data import DEFAULT_MNIST_DIR, MNIST_SHAPE, PRESETS
+from . import audit as audit_part
+from . import compile as compile_part
+from . import study
+from .data import DEFAULT_MNIST_DIR, MNIST_SHAPE, PRESETS
 
 SECTIONS = (
     "step",
@@ -28,6 +30,7 @@ SECTIONS = (
     "study",
     "placement",
     "compile",
+    "audit",
 )
 DEFAULT_SECTIONS = "step,end_to_end,eval,memory"
 # Every step benchmark of any backend (`steps.step_configs`); a name absent on this backend is
@@ -64,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a whole study in population and sequential mode, placement, the default placement against "
         "one run at a time on the MNIST job, the digits main job and the digits study, and "
         "compile, programs and compile seconds cold and warm per phase of the digits jobs and "
-        "a learning-rate grid as a population against one point at a time, run only when "
-        "named)",
+        "a learning-rate grid as a population against one point at a time, and audit, the "
+        "population audit against the same audit one model at a time (multiplied out from a "
+        "few), run only when named)",
     )
     parser.add_argument(
         "--steps",
@@ -88,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "when named)",
     )
     compile_part.add_arguments(parser)
+    audit_part.add_arguments(parser)
     parser.add_argument("--memory-worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--payload", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=2, help=argparse.SUPPRESS)
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.torch_threads)
     if args.memory_worker:
-        from experiments.benchmark.memory import memory_worker
+        from .memory import memory_worker
 
         print(json.dumps(memory_worker(args.memory_worker, args.payload, args.epochs)))
         return 0
@@ -132,26 +137,33 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
 
+    audit_settings = None
+    if "audit" in sections:
+        try:
+            audit_settings = audit_part.args_from_cli(args)
+        except ValueError as e:
+            parser.error(str(e))
+
     placement_names = None
     if "placement" in sections:
-        from experiments.benchmark.placement import ALL_SCENARIOS, DEFAULT_SCENARIOS
+        from .placement import ALL_SCENARIOS, DEFAULT_SCENARIOS
 
         text = args.placement_scenarios or ",".join(DEFAULT_SCENARIOS)
         placement_names = _csv(text, ALL_SCENARIOS, "--placement-scenarios", parser)
 
-    from experiments.benchmark import env
-    from experiments.reporting import atomic_write_bytes
+    from ..reporting import atomic_write_bytes
+    from . import env
 
     if warning := env.load_warning():
         print(f"[benchmark] warning: {warning}", flush=True)
     data = None
     if sections & {"end_to_end", "eval", "memory"}:
-        from experiments.benchmark.data import load_mnist
+        from .data import load_mnist
 
         data = load_mnist(args.mnist_dir, synthetic=args.quick)
     memory = None
     if "memory" in sections:
-        from experiments.benchmark.memory import bench_memory
+        from .memory import bench_memory
 
         # First, while this process is small: a forked child's ru_maxrss starts at its size.
         print("[benchmark] memory ...", flush=True)
@@ -170,11 +182,11 @@ def main(argv=None) -> int:
     if "step" in sections:
         results["step"] = _steps(args.quick, wanted_steps)
     if sections & {"end_to_end", "eval"}:
-        from experiments.benchmark.data import original_weights
+        from .data import original_weights
 
         variables, state_dict = original_weights()
     if "end_to_end" in sections:
-        from experiments.benchmark.end_to_end import bench_end_to_end
+        from .end_to_end import bench_end_to_end
 
         repeats = (
             {"mnist_class": 1, "mnist_random": 1}
@@ -185,7 +197,7 @@ def main(argv=None) -> int:
             data, variables, state_dict, repeats=repeats, quick=args.quick
         )
     if "wgrad_chunking" in sections:
-        from experiments.benchmark.steps import bench_wgrad_chunking
+        from .steps import bench_wgrad_chunking
 
         print("[benchmark] wgrad_chunking ...", flush=True)
         configs = [("cnn_b32", "cnn", MNIST_SHAPE, 32, 5 if args.quick else 50)]
@@ -193,12 +205,12 @@ def main(argv=None) -> int:
             configs.append(("resnet18_cifar_b32", "resnet18_cifar", (32, 32, 3), 32, 1))
         results["wgrad_chunking"] = bench_wgrad_chunking(configs, repeats=3 if args.quick else 5)
     if "convs" in sections:
-        from experiments.benchmark.convs import bench_convs
+        from .convs import bench_convs
 
         print("[benchmark] convs ...", flush=True)
         results["convs"] = bench_convs(repeats=3 if args.quick else 5, quick=args.quick)
     if "eval" in sections:
-        from experiments.benchmark.evaluation import bench_eval
+        from .evaluation import bench_eval
 
         print("[benchmark] eval ...", flush=True)
         results["eval"] = bench_eval(data, variables, state_dict, repeats=3 if args.quick else 5)
@@ -207,31 +219,41 @@ def main(argv=None) -> int:
     if study_args is not None:
         results["study"], status = _study(study_args, args.study_repeats)
     if "placement" in sections:
-        from experiments.benchmark.placement import bench_placement
+        from .placement import bench_placement
 
         results["placement"] = bench_placement(placement_names, args.mnist_dir)
     if compile_settings is not None:
         results["compile"], compile_status = compile_part.bench_compile(compile_settings)
         status = status or compile_status
 
+    if audit_settings is not None:
+        try:
+            results["audit"] = audit_part.bench_audit(*audit_settings)
+        except audit_part.AuditError as e:
+            print(f"error: {e}", file=sys.stderr)
+            results["audit"] = {"args": audit_settings[0], "error": str(e)}
+            status = 1
+
     results["device"]["loadavg_end"] = list(os.getloadavg())
     results["total_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out, (json.dumps(results, indent=2) + "\n").encode())
-    from experiments.benchmark.table import print_table
+    from .table import print_table
 
     print()
     if "compile" in results:
         compile_part.print_compile(results["compile"])
         print()
     print_table(results)
+    if "audit" in results and "error" not in results["audit"]:
+        audit_part.print_audit(results["audit"])
     print(f"\nwritten to {args.out}")
     return status
 
 
 def _steps(quick: bool, wanted: list[str] | None) -> dict:
-    from experiments.benchmark.env import gpu_present
-    from experiments.benchmark.steps import bench_step, step_configs
+    from .env import gpu_present
+    from .steps import bench_step, step_configs
 
     configs = step_configs(quick, gpu_present())
     if wanted is not None:
@@ -253,7 +275,7 @@ def _steps(quick: bool, wanted: list[str] | None) -> dict:
 def _study(args: list[str], repeats: int) -> tuple[dict, int]:
     """The study section, and the exit status: 1 when a study run failed (the other sections'
     results are still written)."""
-    from experiments.benchmark.reference_study import bench_reference
+    from .reference_study import bench_reference
 
     try:
         out = study.bench_study(args, repeats=repeats)

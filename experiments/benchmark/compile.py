@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments.benchmark.data import ROOT
+from .data import EXPERIMENTS, ROOT
 
 JOBS = {
     "main": (),
@@ -115,8 +115,8 @@ def tune_args(grid, extra=()) -> list[str]:
 
 def check_args(args: list[str]):
     """The config `experiments.unlearn` makes of `args`; ValueError with the CLI's message."""
-    from experiments.cli import config_from_args
-    from experiments.unlearn import build_parser
+    from ..cli import config_from_args
+    from ..unlearn import build_parser
 
     parser = build_parser()
     parser.allow_abbrev = False
@@ -183,7 +183,7 @@ def run_process(
     args: list[str], workdir: Path, cache: Path, checkpoints: Path | None = None, *, log=print
 ) -> dict:
     """`python -m experiments.unlearn ARGS` in a fresh process; its results.json."""
-    cmd = [sys.executable, "-m", "experiments.unlearn", "--no-progress"]
+    cmd = [sys.executable, "-m", f"{EXPERIMENTS}.unlearn", "--no-progress"]
     cmd += ["--workdir", str(workdir), "--xla-cache", str(cache)]
     if checkpoints is not None:
         cmd += ["--checkpoint-dir", str(checkpoints)]

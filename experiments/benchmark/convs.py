@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from experiments.benchmark.timing import alternate, median
+from .timing import alternate, median
 
 # (name, batch, image side, input channels, output channels): the CNN's two 5x5, padding-2
 # layers on digits (8x8) and MNIST (28x28), at the batches the methods use.

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout (subprocesses run from here)
+# The scripts' package: `experiments` in a checkout, `camu_jax.experiments` installed.
+EXPERIMENTS = __package__.rpartition(".")[0]
+# The checkout (subprocesses run from here); installed, the working directory.
+ROOT = Path(__file__).resolve().parents[2] if EXPERIMENTS == "experiments" else Path.cwd()
 NUM_CLASSES = 10
 MNIST_SHAPE = (28, 28, 1)
 MNIST_TRAIN, MNIST_TEST, MNIST_CLASS0 = 60000, 10000, 5923
@@ -66,8 +69,9 @@ def original_weights(seed: int = 0):
     import jax
 
     from camu_jax.models import create_model, init_variables
-    from experiments.pytorch_reference import models
-    from experiments.pytorch_reference.convert import flax_to_torch
+
+    from ..pytorch_reference import models
+    from ..pytorch_reference.convert import flax_to_torch
 
     variables = init_variables(
         create_model("cnn", num_classes=NUM_CLASSES), jax.random.key(seed), MNIST_SHAPE

@@ -14,9 +14,9 @@ import functools
 import json
 import time
 
-from experiments.benchmark.data import NUM_CLASSES, PRESETS, make_splits
-from experiments.benchmark.env import sync_torch, torch_device
-from experiments.benchmark.timing import CompileTimer, alternate, median
+from .data import NUM_CLASSES, PRESETS, make_splits
+from .env import sync_torch, torch_device
+from .timing import CompileTimer, alternate, median
 
 
 class JaxEndToEnd:
@@ -59,8 +59,8 @@ class JaxEndToEnd:
 
 class TorchEndToEnd:
     def __init__(self, data: dict, state_dict):
-        from experiments.pytorch_reference import data as tdata
-        from experiments.pytorch_reference import models
+        from ..pytorch_reference import data as tdata
+        from ..pytorch_reference import models
 
         self.device = torch_device()
         self.images, self.labels = data["train_images"], data["train_labels"]
@@ -81,7 +81,7 @@ class TorchEndToEnd:
         return self._sets[preset]
 
     def run(self, preset: str, splits, epochs: int, seed: int) -> dict:
-        from experiments.pytorch_reference import camu
+        from ..pytorch_reference import camu
 
         p = PRESETS[preset]
         unlearn_set, sample_set = self.datasets(preset, splits)

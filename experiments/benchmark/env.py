@@ -7,8 +7,6 @@ import os
 import platform
 import subprocess
 
-import numpy as np
-
 
 def torch_device() -> str:
     import torch
@@ -41,11 +39,10 @@ def cpu_model() -> str:
 
 def environment() -> dict:
     """`{'device': ..., 'versions': ...}` of this process (JAX's default backend, PyTorch's)."""
-    import flax
     import jax
-    import jaxlib
-    import optax
     import torch
+
+    from camu_jax.versions import versions
 
     jax_dev = jax.devices()[0]
     cuda = torch.cuda.is_available()
@@ -62,15 +59,8 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(),
             "loadavg_start": list(os.getloadavg()),
         },
-        "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "flax": flax.__version__,
-            "optax": optax.__version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-        },
+        # results.json's (python, platform, processor, jax, jaxlib, flax...) and PyTorch's.
+        "versions": {**versions(), "torch": torch.__version__},
     }
 
 

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 
-from experiments.benchmark.data import NUM_CLASSES
-from experiments.benchmark.env import sync_torch, torch_device
-from experiments.benchmark.timing import CompileTimer, alternate, median
+from .data import NUM_CLASSES
+from .env import sync_torch, torch_device
+from .timing import CompileTimer, alternate, median
 
 # `camu_jax.evaluation.predict`'s batch for a population of one model.
 JAX_EVAL_BATCH = 1024
@@ -20,8 +20,9 @@ def bench_eval(data, variables, state_dict, *, repeats: int) -> dict:
     from camu_jax.data.pipeline import DeviceData, InputSpec
     from camu_jax.models import create_model
     from camu_jax.prediction import predict_logits
-    from experiments.pytorch_reference import data as tdata
-    from experiments.pytorch_reference import evaluate, models
+
+    from ..pytorch_reference import data as tdata
+    from ..pytorch_reference import evaluate, models
 
     model = create_model("cnn", num_classes=NUM_CLASSES)
     labels = data["test_labels"]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.benchmark.data import MNIST_SHAPE, NUM_CLASSES, ROOT, make_splits, original_weights
-from experiments.benchmark.env import gpu_present
+from .data import MNIST_SHAPE, NUM_CLASSES, ROOT, make_splits, original_weights
+from .env import gpu_present
 
 
 def _maxrss_mb() -> float:
@@ -44,7 +44,7 @@ def memory_worker(side: str, payload: Path, epochs: int) -> dict:
     if side == "torch":
         import torch
 
-        from experiments.benchmark.end_to_end import TorchEndToEnd
+        from .end_to_end import TorchEndToEnd
 
         class _Splits:  # What the runner reads; avoids importing camu_jax in the torch worker.
             forget = arrays["forget"]
@@ -61,7 +61,8 @@ def memory_worker(side: str, payload: Path, epochs: int) -> dict:
 
         from camu_jax.data.splits import Splits
         from camu_jax.models import create_model, init_variables
-        from experiments.benchmark.end_to_end import JaxEndToEnd
+
+        from .end_to_end import JaxEndToEnd
 
         out["rss_after_import_mb"] = _peak_rss_mb()
         variables = init_variables(
@@ -98,7 +99,7 @@ def bench_memory(data, epochs: int, torch_threads: int | None = None) -> dict:
             cmd = [
                 sys.executable,
                 "-m",
-                "experiments.benchmark",
+                __package__,
                 "--memory-worker",
                 side,
                 "--payload",

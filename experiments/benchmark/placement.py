@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from experiments.benchmark import study
+from . import study
 
 # name -> (dataset, seeds, extra flags): the MNIST job of issue 22, the other single-run
 # scenarios on MNIST (random 10 %, two classes forgotten together), the embedded default (the
@@ -84,7 +84,7 @@ def bench_placement(names, mnist_dir: Path | None, *, log=print) -> dict:
 
 
 def _reference(args: list[str], log) -> dict:
-    from experiments.benchmark.reference_study import bench_reference
+    from .reference_study import bench_reference
 
     default = study.run_once("population", args, log=log)
     torch = bench_reference(study.resolve(args), log=log)

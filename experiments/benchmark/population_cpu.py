@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     }
     out = {}
     for mode in ("sequential", "population"):
-        cmd = [sys.executable, "-m", "experiments.benchmark.population_cpu", "--mode", mode]
+        cmd = [sys.executable, "-m", f"{__package__}.population_cpu", "--mode", mode]
         if args.manual_dir:
             cmd += ["--manual-dir", args.manual_dir]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from experiments.benchmark.env import sync_torch, torch_device
+from .env import sync_torch, torch_device
 
 NOTE = (
     "multiplied out, not run: the PyTorch port's time for one original epoch, one retrain "
@@ -29,7 +29,7 @@ EVAL_BATCH = 32  # the reference evaluates at batch 32
 def _logits(model, dataset, device) -> np.ndarray:
     import torch
 
-    from experiments.pytorch_reference.data import make_loader
+    from ..pytorch_reference.data import make_loader
 
     model.eval()
     with torch.no_grad():
@@ -42,7 +42,7 @@ def _warm_up(sets: dict, *, model, classes: int, device: str) -> None:
     (allocator, kernel selection), which a study in one process pays once, not per run."""
     from torch.utils.data import Subset
 
-    from experiments.pytorch_reference import camu, evaluate
+    from ..pytorch_reference import camu, evaluate
 
     n = min(64, len(sets["unlearn"]), len(sets["sample"]))
 
@@ -71,8 +71,9 @@ def bench_reference(config, *, log=print) -> dict:
     from camu_jax.data.loading import load_dataset
     from camu_jax.data.splits import make_splits
     from camu_jax.evaluation import score
-    from experiments.pytorch_reference import camu, evaluate, models, train
-    from experiments.pytorch_reference import data as tdata
+
+    from ..pytorch_reference import camu, evaluate, models, train
+    from ..pytorch_reference import data as tdata
 
     ds = load_dataset(
         config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir, progress=False

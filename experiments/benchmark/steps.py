@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from experiments.benchmark.data import MNIST_SHAPE, NUM_CLASSES
-from experiments.benchmark.env import sync_torch, torch_device
-from experiments.benchmark.timing import CompileTimer, alternate, median
+from .data import MNIST_SHAPE, NUM_CLASSES
+from .env import sync_torch, torch_device
+from .timing import CompileTimer, alternate, median
 
 STEP_LRS = {"kl_lr": 4e-4, "impair_lr": 1e-3}  # the reference's MNIST class preset
 
@@ -123,8 +123,8 @@ class TorchStepRunner:
     def __init__(self, name, shape, batch, *, seed: int = 0):
         import torch
 
-        from experiments.pytorch_reference import camu, models
-        from experiments.pytorch_reference.data import to_tensor
+        from ..pytorch_reference import camu, models
+        from ..pytorch_reference.data import to_tensor
 
         self.device = torch_device()
         torch.manual_seed(seed)

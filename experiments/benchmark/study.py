@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments.benchmark.data import ROOT
-from experiments.benchmark.timing import alternate, median
+from .data import EXPERIMENTS, ROOT
+from .timing import alternate, median
 
 STUDY_DATASETS = ("digits", "mnist", "fashion_mnist")  # the PyTorch port's data: MNIST-like
 DEFAULT_SEEDS = (0, 1)
@@ -73,8 +73,8 @@ def split_extra(text: str) -> list[str]:
 def resolve(args: list[str]):
     """The `ExperimentConfig` that `experiments.unlearn` makes of `args`, checked here so that
     a bad flag or value fails before anything runs; raises ValueError naming it."""
-    from experiments.cli import config_from_args
-    from experiments.unlearn import build_parser
+    from ..cli import config_from_args
+    from ..unlearn import build_parser
 
     for a in args:
         if a.split("=", 1)[0] in MANAGED_FLAGS:
@@ -106,7 +106,7 @@ def command(mode: str, args: list[str], workdir: Path, cache: Path) -> list[str]
     return [
         sys.executable,
         "-m",
-        "experiments.unlearn",
+        f"{EXPERIMENTS}.unlearn",
         "--no-progress",
         "--workdir",
         str(workdir),

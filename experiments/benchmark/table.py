@@ -163,7 +163,7 @@ def print_table(results: dict) -> None:
             _print_rows(_study_rows(results["study"]))
             print_study_note(results["study"])
     if "placement" in results:
-        from experiments.benchmark.placement import print_placement
+        from .placement import print_placement
 
         print_placement(results["placement"])
     d = results["device"]

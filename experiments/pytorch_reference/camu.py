@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torch.utils.data import Dataset
 
-from experiments.pytorch_reference.data import counterfactual_generation, make_loader
+from .data import counterfactual_generation, make_loader
 
 
 @dataclasses.dataclass(frozen=True)

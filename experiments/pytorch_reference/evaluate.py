@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from experiments.pytorch_reference.data import make_loader
+from .data import make_loader
 
 
 @torch.no_grad()
