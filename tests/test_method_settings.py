@@ -329,7 +329,7 @@ def _metrics(workdir):
     runs = json.loads((workdir / "results.json").read_text())["runs"]
     return [
         {
-            m: {k: v for k, v in r.items() if "seconds" not in k and k != "rte"}
+            m: {k: v for k, v in r.items() if "seconds" not in k and not k.startswith("rte")}
             for m, r in run["methods"].items()
         }
         for run in runs
