@@ -14,17 +14,11 @@ from camu_jax.data import load_dataset
 from camu_jax.data.pipeline import DeviceData, input_spec_for
 from camu_jax.data.splits import ForgetSpec, make_splits
 from camu_jax.models import create_model
+from camu_jax.results import TIME_KEYS
 from camu_jax.study import Run, run_study
 from camu_jax.training import TrainConfig
 
-TIMES = (
-    "seconds",
-    "construct_seconds",
-    "compile_seconds",
-    "rte",
-    "run_seconds",
-    "rte_with_compile",
-)
+TIMES = TIME_KEYS  # every time key of a model's entry (wall clock)
 
 
 @pytest.fixture(scope="module")
