@@ -45,8 +45,9 @@ def relearn(
     population_size: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Relearning curves `{'batches': [...], 'gap': [...]}` (gap in accuracy points) for every
-    model `variables[i]` on the run `splits[i]`, `seeds[i]` (which orders the batches)."""
+    """Relearning curves `{'batches': [...], 'gap': [...], 'losses': [...]}` (gap in accuracy
+    points; losses the per-epoch means of the fine-tuning steps) for every model
+    `variables[i]` on the run `splits[i]`, `seeds[i]` (which orders the batches)."""
     checks.check_splits(splits, data)
     count = len(variables)
     rows, n_remain = [], []
@@ -104,7 +105,7 @@ def relearn(
                 curves[i]["batches"].append(int(done[j]))
                 curves[i]["gap"].append(float(gap))
 
-    train_population(
+    trained = train_population(
         model,
         start,
         data=data,
@@ -118,4 +119,8 @@ def relearn(
         progress=progress,
         desc="relearn",
     )
+    for curve, (_, info) in zip(curves, trained, strict=True):
+        # Each epoch's means of the fine-tuning steps (stage, epoch, steps, losses, learning
+        # rates), as every other phase's models record theirs.
+        curve["losses"] = info.get("epochs", [])
     return curves

@@ -112,11 +112,27 @@ def test_csv_columns_and_rows(job):
 
 
 def test_relearning_and_every_phase_log(job):
-    workdir, _ = job
+    workdir, results = job
     phases = {p.name for p in (workdir / "logs").iterdir()}
     assert phases == {"original", "retrain", "camu", "relearn"}
     relearned = sorted(p.name for p in (workdir / "logs" / "relearn").iterdir())
     assert len(relearned) == 2 and relearned[0].startswith("camu_")
+    # results.json keeps the relearning's per-epoch means too, beside each curve; they are
+    # the means of the CSV's steps.
+    (run,) = results["runs"]
+    camu_log = workdir / "logs" / "relearn" / relearned[0]
+    epochs = run["relearn"]["camu"]["losses"]
+    assert epochs and all(e["steps"] > 0 for e in epochs)
+    stage = epochs[0]["stage"]
+    with open(camu_log / f"{stage}.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    column = rows[0].index("loss")
+    body = np.asarray(rows[1:], np.float64)
+    lo = 0
+    for e in epochs:
+        assert body[lo : lo + e["steps"], column].mean() == pytest.approx(e["loss"], rel=1e-12)
+        lo += e["steps"]
+    assert lo == len(body)
 
 
 def test_member_log_resumes_where_its_checkpoint_ended(tmp_path):
