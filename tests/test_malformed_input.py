@@ -187,7 +187,7 @@ def test_compare_refuses_train_and_test_of_different_image_sizes(problem):
     [
         ({"seeds": [0, 1]}, "1 splits but 2 seeds"),
         ({"seeds": [2**32]}, "seed 4294967296"),
-        ({"seeds": [0], "methods": ["camu", "camu"]}, "camu more than once"),
+        ({"seeds": [0], "methods": ["camu", "camu"]}, "camu is given 2 times"),
     ],
 )
 def test_compare_refuses_bad_runs_before_training(problem, kwargs, needle):
