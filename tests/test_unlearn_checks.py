@@ -117,8 +117,10 @@ def test_tiny_forget_set_finishes_with_the_attack_marked_not_applicable(tmp_path
         "--workdir", str(workdir), "--scenario", "indices", "--forget-indices", str(path)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Said before any training output.
-    assert proc.stdout.startswith("note: loss_attack not applicable"), proc.stdout[:500]
+    # Said before any training output (after the line naming the work dir).
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("work dir: "), proc.stdout[:500]
+    assert lines[1].startswith("note: loss_attack not applicable"), proc.stdout[:500]
     (run,) = json.loads((workdir / "results.json").read_text())["runs"]
     assert run["split_sizes"]["forget"] == 3
     assert set(run["not_applicable"]) == {"loss_attack"}
