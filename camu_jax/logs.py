@@ -5,10 +5,12 @@ Logging is on inside `log_to(root)`: there, every phase the wave runner (`camu_j
 runs writes for each member a folder `<root>/<phase>/<member>/` (names as `folder` spells
 them) holding
 
-* `events.out.tfevents.*` (tensorboardX; no TensorFlow): a scalar `<stage>/<key>` per step for
-  each metric the step returns (`loss`, CaMU's `loss_rep` and `loss_out`...) and each learning
-  rate (`learning_rate`, CaMU's `kl_lr` and `impair_lr`...), at the member's step, counted from 1
-  over the whole phase (its stages one after another);
+* `events.out.tfevents.*` (TensorBoard's format, written here: no TensorFlow, and no
+  tensorboardX, whose import pulls in PyTorch where it is installed, a second per process):
+  a scalar `<stage>/<key>` per step for each metric the step returns (`loss`, CaMU's
+  `loss_rep` and `loss_out`...) and each learning rate (`learning_rate`, CaMU's `kl_lr` and
+  `impair_lr`...), at the member's step, counted from 1 over the whole phase (its stages one
+  after another), one Event per step holding them all;
 * `<stage>.csv`: a row per step: `step, epoch, <metric keys...>, <learning-rate keys...>`.
 
 Steps are logged one by one: the engine returns every step's metrics (`[k, members]` host
@@ -28,7 +30,11 @@ import contextlib
 import contextvars
 import csv
 import dataclasses
+import os
 import re
+import socket
+import struct
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -112,6 +118,99 @@ class EpochMeans:
         }
 
 
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of `data`, the checksum of TFRecord framing."""
+    crc, table = 0xFFFFFFFF, _CRC_TABLE
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: `uint64 length, uint32 masked crc of it, data, uint32 masked crc of it`."""
+    length = struct.pack("<Q", len(data))
+    return b"".join(
+        (length, struct.pack("<I", _masked_crc(length)), data, struct.pack("<I", _masked_crc(data)))
+    )
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(wall_time: float, step: int, body: bytes) -> bytes:
+    """`tensorboard.Event` (event.proto): wall_time = 1 (double), step = 2 (int64), then
+    `body` (file_version = 3, summary = 5 or session_log = 7, already encoded)."""
+    return b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step) + body
+
+
+def _scalars(step: int, values: Mapping[str, float], wall_time: float) -> bytes:
+    """An Event whose Summary (field 5) holds a `Value` per tag: tag = 1, simple_value = 2
+    (float), as TensorBoard's scalar dashboard reads them."""
+    summary = b"".join(
+        _field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
+        for tag, value in values.items()
+    )
+    return _event(wall_time, step, _field(5, summary))
+
+
+class EventFile:
+    """A TensorBoard event file in `directory`: its first record names the format
+    (`brain.Event:2`); `purge_step` (a resumed run's first new step) adds a
+    `SessionLog.START` there, so TensorBoard drops the earlier files' events from that step on,
+    as tensorboardX's `purge_step` does."""
+
+    def __init__(self, directory: Path, purge_step: int | None = None):
+        now = time.time()
+        self.path = Path(directory) / (
+            f"events.out.tfevents.{now:.6f}.{socket.gethostname()}.{os.getpid()}"
+        )
+        records = [_record(_event(now, 0, _field(3, b"brain.Event:2")))]
+        if purge_step:
+            records.append(_record(_event(now, purge_step, _field(7, b"\x08\x01"))))
+        self._file = open(self.path, "wb")  # noqa: SIM115 (closed in `close`)
+        self._file.write(b"".join(records))
+
+    def write(self, rows: list[tuple[int, Mapping[str, float]]]) -> None:
+        """One Event per `(step, {tag: value})`, written and flushed together."""
+        now = time.time()
+        self._file.write(b"".join(_record(_scalars(s, v, now)) for s, v in rows))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class MemberLog:
     """One member's step logs in `directory` (module docstring); `resume_step`: the steps it
     ran before (restored), whose logs are kept."""
@@ -127,14 +226,10 @@ class MemberLog:
         self._writer = None
         self._csv: dict[str, tuple] = {}  # stage -> (file, writer, columns)
 
-    def _events(self):
+    def _events(self) -> EventFile:
         if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(
-                logdir=str(self.directory),
-                purge_step=self.resume_step + 1 if self.resume_step else None,
-                flush_secs=30,
+            self._writer = EventFile(
+                self.directory, purge_step=self.resume_step + 1 if self.resume_step else None
             )
         return self._writer
 
@@ -161,16 +256,15 @@ class MemberLog:
         f, writer, columns = self._table(stage, ["step", "epoch", *keys])
         if columns[2:] != keys:
             raise ValueError(f"{stage}: logged {keys}, but its CSV holds {columns[2:]}")
-        events = self._events()
-        host = {k: np.asarray(v, np.float64) for k, v in values.items()}
+        host = {k: np.asarray(v, np.float64).tolist() for k, v in values.items()}
+        tags = [f"{stage}/{k}" for k in keys]
+        events = []
         for s, step in enumerate(np.asarray(steps).tolist()):
-            row = [step, epoch]
-            for k in keys:
-                value = float(host[k][s])
-                events.add_scalar(f"{stage}/{k}", value, step)
-                row.append(repr(value))
-            writer.writerow(row)
+            row = [host[k][s] for k in keys]
+            events.append((step, dict(zip(tags, row, strict=True))))
+            writer.writerow([step, epoch, *map(repr, row)])
         f.flush()
+        self._events().write(events)
 
     def close(self) -> None:
         for f, _, _ in self._csv.values():

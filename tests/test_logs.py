@@ -21,15 +21,26 @@ METHODS = ("original", "retrain", "camu")
 
 def read_events(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """`{tag: [(step, value)]}` of every scalar in the folder's event files. A TFRecord is
-    `uint64 length, uint32 crc, data, uint32 crc`; each record's data is an `Event`."""
+    `uint64 length, uint32 crc, data, uint32 crc`; each record's data is an `Event`. Both
+    checksums are checked with tensorboardX's CRC-32C, as TensorBoard's reader checks them."""
+    from tensorboardX.crc32c import crc32c
     from tensorboardX.proto import event_pb2
+
+    def masked(data: bytes) -> int:
+        crc = crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
     out: dict[str, list] = {}
     for path in sorted(folder.glob("events.out.tfevents.*")):
         data, at = path.read_bytes(), 0
         while at < len(data):
             (length,) = struct.unpack("<Q", data[at : at + 8])
-            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            (head_crc,) = struct.unpack("<I", data[at + 8 : at + 12])
+            body = data[at + 12 : at + 12 + length]
+            (body_crc,) = struct.unpack("<I", data[at + 12 + length : at + 16 + length])
+            assert head_crc == masked(data[at : at + 8]), (path, at)
+            assert body_crc == masked(body), (path, at)
+            event = event_pb2.Event.FromString(body)
             at += 12 + length + 4
             for value in event.summary.value:
                 out.setdefault(value.tag, []).append((event.step, value.simple_value))
@@ -147,9 +158,34 @@ def test_member_log_resumes_where_its_checkpoint_ended(tmp_path):
         rows = list(csv.reader(f))
     assert [int(r[0]) for r in rows[1:]] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert float(rows[-1][2]) == 6.0 and rows[-1][1] == "2"
+    # The events: the new file starts with a SessionLog.START at step 7, so TensorBoard drops
+    # the old file's steps 7..10 (tensorboardX's purge_step).
+    from tensorboardX.proto import event_pb2
+
+    events = read_events(tmp_path / "m")
+    assert [s for s, _ in events["train/loss"]] == [*range(1, 11), 7, 8]
+    newest = max((tmp_path / "m").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
+    data, records, at = newest.read_bytes(), [], 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        records.append(event_pb2.Event.FromString(data[at + 12 : at + 12 + length]))
+        at += 16 + length
+    assert records[0].file_version == "brain.Event:2"
+    assert records[1].step == 7
+    assert records[1].session_log.status == event_pb2.SessionLog.START
     # Starting from scratch clears the folder's earlier logs.
     logs.MemberLog(tmp_path / "m").close()
     assert not list((tmp_path / "m").iterdir())
+
+
+def test_crc32c_is_castagnoli():
+    from tensorboardX.crc32c import crc32c
+
+    assert logs.crc32c(b"123456789") == 0xE3069283  # the standard check value
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 100):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert logs.crc32c(data) == crc32c(data), n
 
 
 def test_folder_names_and_learning_rates():
