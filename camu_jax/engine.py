@@ -22,6 +22,7 @@ import hashlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -381,6 +382,39 @@ def _eval_jaxpr(jaxpr, consts, args) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
+# XLA:CPU options of every program the engine builds. The legacy elemental emitters instead of
+# the (default) fusion emitters: 25 % less compiling for the same run speed, measured on the
+# digits jobs (`--methods camu,ft,scrub,ssd,unsir`: 14.4-15.4 s of compiling -> 11.1-11.6 s;
+# phases' run seconds 4.3-4.5 s either way) and on MNIST (`--methods camu,ft,scrub`: 9.5-11.6 ->
+# 8.2 s; run 246-252 s either way); docs/benchmarks.md. The two emitters round some fused
+# elementwise results differently in their last bits. Unknown to an XLA without the option,
+# it is dropped there (with a warning, once).
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
+_OPTIONS_REFUSED: list[str] = []
+
+
+def _compile(lowered, args: Any):
+    """`lowered.compile()`, with `CPU_COMPILER_OPTIONS` for a program of CPU devices."""
+    leaves = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
+    platform = (
+        next(iter(leaves[0].sharding.device_set)).platform if leaves else jax.default_backend()
+    )
+    if platform != "cpu" or not CPU_COMPILER_OPTIONS or _OPTIONS_REFUSED:
+        return lowered.compile()
+    try:
+        return lowered.compile(compiler_options=dict(CPU_COMPILER_OPTIONS))
+    except jax.errors.JaxRuntimeError as e:
+        if "No such compile option" not in str(e):
+            raise
+        _OPTIONS_REFUSED.append(str(e))
+        warnings.warn(
+            f"this XLA does not know the compile options {CPU_COMPILER_OPTIONS} ({e}); "
+            "compiling without them",
+            stacklevel=3,
+        )
+        return lowered.compile()
+
+
 def compile_shared(lowered, args: Any, *, cost: bool = False) -> Any:
     """`lowered.compile()`, or the executable of an identical program compiled before in this
     process: same lowered text, same result tree, and arguments `args` (those `lowered` was
@@ -402,7 +436,7 @@ def compile_shared(lowered, args: Any, *, cost: bool = False) -> Any:
             compiled, seconds = _SHARED[key]
             return (compiled, seconds) if cost else compiled
     t = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = _compile(lowered, args)
     seconds = time.perf_counter() - t
     with _SHARED_LOCK:
         _SHARED[key] = (compiled, seconds)
@@ -500,6 +534,7 @@ def place(
     log=print,
     what: str = "",
     record: bool = True,
+    ahead: bool = False,
 ) -> Placement:
     """The placement of a phase of `count` members on `mesh` (printed, and recorded for
     `Timer.placements`).
@@ -511,7 +546,9 @@ def place(
     * `requested` (`--population-size`) members per wave, rounded up to the member devices.
     * Where `probe` can time the compiled step (the per-step loop of a CPU, in one process),
       the layouts are weighed by what they cost, compiling included, so that a phase is never
-      slower than its members one at a time: `_timed_choice`.
+      slower than its members one at a time: `_timed_choice`. With `ahead` (compiling a
+      phase's programs ahead, `runner.compile_ahead`, where nothing can be timed), the
+      layout such a phase times first: one member at a time on one device.
     * Otherwise every member in one wave, or as many as fit in the devices' free memory (from
       `probe`'s memory analysis of the compiled step).
     """
@@ -544,21 +581,22 @@ def place(
     else:
         full = -(-count // rows) * rows
         size, rule = rows, "one member per device" if rows == count else "every device takes part"
-        if full > rows:
+        chosen = (
+            _timed_choice(mesh, sub, rows, full, count, steps, probe, ahead=ahead)
+            if timed
+            else None
+        )
+        if chosen is not None:
+            sub, size, rule, rates = chosen
+        elif full > rows:
             need, *_ = probe(sub, full, False)
-            free = sharding.free_memory(sub)
-            fit = int(0.8 * free * rows // max(need, 1.0))
-            size = max(rows, min(full, fit // rows * rows))
+            size = _fit(sub, rows, full, need)
             rule = (
                 f"every member in one wave ({need / 2**20:.1f} MiB each)"
                 if size == full
-                else f"as many as fit in {free / 2**30:.1f} GiB free per device "
-                f"({need / 2**20:.1f} MiB each)"
+                else f"as many as fit in {sharding.free_memory(sub) / 2**30:.1f} GiB free per "
+                f"device ({need / 2**20:.1f} MiB each)"
             )
-        if timed:
-            chosen = _timed_choice(mesh, sub, rows, size, count, steps, probe)
-            if chosen is not None:
-                sub, size, rule, rates = chosen
     out = Placement(sub, size, count, rule, rates)
     if record:  # not when compiling ahead (`runner.compile_ahead`)
         _placements.append(out.record(what))
@@ -567,14 +605,31 @@ def place(
     return out
 
 
+def _fit(sub: Mesh, rows: int, full: int, need: float) -> int:
+    """Members per wave: all `full`, or as many as fit in 80 % of the devices' free memory at
+    `need` bytes each (a multiple of the `rows` member devices, at least `rows`)."""
+    fit = int(0.8 * sharding.free_memory(sub) * rows // max(need, 1.0))
+    return max(rows, min(full, fit // rows * rows))
+
+
 def _timed_choice(
-    mesh: Mesh, sub: Mesh, rows: int, size: int, count: int, steps: int, probe: Probe
+    mesh: Mesh,
+    sub: Mesh,
+    rows: int,
+    full: int,
+    count: int,
+    steps: int,
+    probe: Probe,
+    *,
+    ahead: bool = False,
 ):
     """`(mesh, size, rule, rates)`: the layout that runs a phase of `count` members and
     `steps` member-steps fastest, compiling included, among: one member at a time on one
     device (`A`, the layout of `--population-size 1`), one member per device over `rows`
-    devices (`B`) and `size` members stacked over them (`C`); None where the probe cannot
-    time (then the caller's choice).
+    devices (`B`) and as many members stacked over them as fit in memory, at most `full`
+    (`C`); None where the probe cannot time (then the caller's choice). The memory a member
+    needs comes from A's program: no program is compiled only to read its memory analysis.
+    With `ahead`, A, untimed (compiled ahead; the phase times it).
 
     A layout's time is its waves' fixed cost (building each wave's member data: the
     teachers' forward passes, counterfactuals, tables) plus its steps: `waves x w + steps x
@@ -589,9 +644,12 @@ def _timed_choice(
     each run's counterfactual embeddings, weigh 3-4 s of compiling for each layout.)
     """
     one = submesh(mesh, 1)
-    _, t1, c1, w1 = probe(one, 1, True)
+    need, t1, c1, w1 = probe(one, 1, not ahead)
+    if ahead:
+        return one, 1, "compiled ahead: one at a time on one device, the layout timed first", None
     if t1 is None:
         return None
+    size = _fit(sub, rows, full, need)
 
     def cost(t, w, per_wave):
         return -(-count // per_wave) * w + steps * t / per_wave

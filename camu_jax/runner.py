@@ -317,7 +317,7 @@ def run(
             return _probe(phase, engines_on(mesh), pending, data.on(mesh), size, timed)
 
         timer = engine.Timer()
-        steps = sum(_remaining_steps(phase, r) for r in pending)
+        steps = _timed_steps(phase, pending)
         placement = engine.place(
             population_size, len(pending), data.mesh, probe, steps=steps, what=phase.name
         )
@@ -413,6 +413,13 @@ def _probe(phase: Phase, engines, pending: list[_Run], data: DeviceData, size: i
     return need, *engines[k].step_seconds(state, shared, member, part), construct
 
 
+def _timed_steps(phase: Phase, runs) -> int | None:
+    """The member-steps `engine.place` weighs layouts by, or None where a call runs a whole
+    scanned chunk (nothing to time: the layout comes from memory alone)."""
+    scans = engine.default_use_scan() if phase.use_scan is None else phase.use_scan
+    return None if scans else sum(_remaining_steps(phase, r) for r in runs)
+
+
 def compile_ahead(
     phase: Phase,
     members: Sequence[Member],
@@ -445,10 +452,11 @@ def compile_ahead(
         len(runs),
         data.mesh,
         probe,
-        steps=sum(_remaining_steps(phase, r) for r in runs),
+        steps=_timed_steps(phase, runs),
         log=None,
         what=phase.name,
         record=False,
+        ahead=True,
     )
     placed = data.on(placement.mesh)
     engines = engines_on(placed.mesh)

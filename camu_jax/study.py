@@ -26,6 +26,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -273,16 +274,21 @@ class _CompileAhead:
 
     def __init__(self, s: _Study, groups, labels, on_divergence, enabled, log):
         if enabled is None:
-            scans = engine.default_use_scan() if s.use_scan is None else s.use_scan
-            enabled = scans and jax.process_count() == 1
+            enabled = jax.process_count() == 1
         self.log, self.futures, self.pool = log, {}, None
         if not enabled:
             return
         shape = s.train.input_shape
-        stand_ins = {
-            seed: init_variables(s.model, jax.random.key(seed), shape)
-            for seed in sorted({r.seed for r in s.runs})
-        }
+        # The originals' shapes without running (or compiling) the model's init: the
+        # original phase compiles that, and records it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the original phase's init warns, once
+            shapes = jax.eval_shape(lambda: init_variables(s.model, jax.random.key(0), shape))
+        stand_in = jax.tree.map(
+            lambda x: np.full(x.shape, 0.01 if np.issubdtype(x.dtype, np.floating) else 0, x.dtype),
+            shapes,
+        )
+        stand_ins = {seed: stand_in for seed in sorted({r.seed for r in s.runs})}
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="camu-compile")
         for group, group_labels in zip(groups, labels, strict=True):
             if isinstance(group[0], FunctionMethod):  # no program of the engine
@@ -400,9 +406,13 @@ def run_study(
     compile_ahead: compile every method phase's programs in a background thread from the
       study's start (on stand-ins of the originals: programs depend on shapes only), so that
       a phase finds them compiled; each phase records what was compiled for it ahead
-      (`compiled_ahead`). Default: where the engine scans chunks (accelerators, whose host
-      cores are idle while the device trains) and in one process; off on a CPU, where the
-      thread would take cores from training and the layout is chosen by timing.
+      (`compiled_ahead`). Default: on in one process. On an accelerator the host's cores are
+      idle while the device trains; on a CPU the thread shares the cores with training, so
+      it saves less (`--methods all` on digits, 2 cores: 11 % of the wall, docs/benchmarks.md)
+      but still overlaps compiling with the originals' training, with the membership attacks'
+      fitting and with Python's work between steps. Where a CPU phase times layouts
+      (`engine.place`), the thread compiles its fallback (one member at a time on one device,
+      the layout timed first); another layout the phase chooses, it compiles itself.
     use_scan: scanned chunks or one call per step (default: the engine's, by backend).
     originals: `{seed: variables}` of trained originals to start from, one for every seed of
       `runs` (checked by the caller, `camu_jax.compare`): no original phase runs, their

@@ -77,6 +77,9 @@ class ExperimentConfig:
     # Runs trained together as one program (a population); none: every run of a phase at once
     # (waves that fit the device's free memory); 1: one run at a time (the sequential path).
     population_size: int | None = None
+    # Compile every method phase's programs in a background thread from the study's start,
+    # while the originals train and earlier phases run (none: on, in one process)
+    compile_ahead: bool | None = None
     # Processes that fit the membership attacks of different models in parallel (default: the
     # usable cores; 1: in this process). The metric values do not depend on it.
     eval_workers: int | None = None

@@ -140,6 +140,7 @@ NOT_RESULT_SETTINGS = frozenset(
         "manual_dir",
         "progress",
         "population_size",
+        "compile_ahead",
         "eval_workers",
         "on_divergence",
         "camu",

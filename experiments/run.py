@@ -196,6 +196,7 @@ def _study(model, train, test, runs, config, data, train_config, store, log) -> 
             else None
         ),
         population_size=config.population_size,
+        compile_ahead=config.compile_ahead,
         eval_workers=config.eval_workers,
         on_divergence="record" if config.on_divergence == "record" else "raise",
         store=store,

@@ -56,9 +56,9 @@ def test_timed_probe_picks_the_fastest_layout(report):
     assert (slow["wave_size"], slow["members_per_device"], slow["waves"]) == (2, 1, 5)
     assert slow["probe_member_steps_per_s"]["5_per_device"] == 1.2
     assert "one member per device" in slow["rule"]
-    # memory first (untimed, the whole wave), then one at a time, spread, stacked
+    # one at a time (its program's memory analysis also sizes the stacked wave: no program
+    # is compiled for its memory alone), then spread, stacked
     assert [tuple(c) for c in report["ten_stacked_slower_calls"]] == [
-        (2, 10, False),
         (1, 1, True),
         (2, 2, True),
         (2, 10, True),
@@ -82,8 +82,14 @@ def test_a_phase_too_short_to_repay_a_compile_runs_one_at_a_time(report):
     short = report["ten_short"]
     assert (short["member_devices"], short["wave_size"], short["waves"]) == (1, 1, 10)
     assert "not tried" in short["rule"] and "compiling costs about 1.0 s" in short["rule"]
-    # the memory analysis of the whole wave, then one at a time timed: nothing else compiled
-    assert [tuple(c) for c in report["ten_short_calls"]] == [(2, 10, False), (1, 1, True)]
+    # one at a time timed: nothing else compiled, not even for a memory analysis
+    assert [tuple(c) for c in report["ten_short_calls"]] == [(1, 1, True)]
+
+
+def test_compiling_ahead_compiles_the_layout_timed_first(report):
+    ahead = report["ten_ahead"]
+    assert (ahead["member_devices"], ahead["wave_size"], ahead["waves"]) == (1, 1, 10)
+    assert [tuple(c) for c in report["ten_ahead_calls"]] == [(1, 1, False)]
 
 
 def test_few_members_spread_only_when_it_pays_back_the_compile(report):

@@ -120,9 +120,11 @@ record = camu_jax.compare(
 phases = {}
 for p in record["phases"]:
     entry = phases.setdefault(p["phase"], {"compiled": {}, "loaded": {}})
-    for kind in ("compiled", "loaded"):
-        for name, n in p["programs"][kind].items():
-            entry[kind][name] = entry[kind].get(name, 0) + n
+    # A phase's programs: what it compiled itself and what was compiled for it ahead.
+    for programs in (p["programs"], p.get("compiled_ahead", {}).get("programs")):
+        for kind in ("compiled", "loaded"):
+            for name, n in (programs or {}).get(kind, {}).items():
+                entry[kind][name] = entry[kind].get(name, 0) + n
 print(json.dumps(phases))
 """
 

@@ -72,6 +72,12 @@ def main():
     calls = []
     probe = fake_probe(0.2, 0.03, calls, 0.01, wave_s=0.5)
     out["ten_costly_waves"] = engine.place(None, 10, mesh, probe, steps=300, **quiet).record()
+    # Compiling ahead (nothing timed): the layout a timed phase tries first, compiled alone
+    calls = []
+    ahead = engine.place(
+        None, 10, mesh, fake_probe(2.0, 1.0, calls), steps=1000, ahead=True, **quiet
+    )
+    out["ten_ahead"], out["ten_ahead_calls"] = ahead.record(), calls
     # Without the step count (no timing possible), the memory rule alone: one wave of all
     out["ten_untimed"] = engine.place(None, 10, mesh, fake_probe(2.0, 1.0, []), **quiet).record()
     # Two members, two devices: spread only when it can pay back its compile (1 s here).
