@@ -388,16 +388,29 @@ def _wave_plan(phase: Phase, k: int, runs: list[_Run], size: int, epoch: int) ->
     return engine.pad_steps(engine.stack_plans(plans), stage.chunk)
 
 
+# Seconds the member-data programs of a phase's wave took to compile, by (phase name, members
+# per wave, member devices): what `_probe` adds to a layout's compile cost where those programs
+# were compiled before (by `compile_ahead`'s thread), when building them again costs nothing.
+_DATA_COMPILE: dict[tuple[str, int, int], float] = {}
+
+
 def _probe(phase: Phase, engines, pending: list[_Run], data: DeviceData, size: int, timed: bool):
     """`engine.place`'s probe: bytes per member of a wave of the first `size` members (padded,
     all active) at the first stage it runs, with `timed` the seconds of one of its steps (on a
     throwaway state) and its program's compile seconds, and the seconds building the wave's
-    member data took (without compiling)."""
+    member data took (without compiling). The compile seconds count the wave's member-data
+    programs (the teachers' forward passes...) with its step: a layout tried anew compiles
+    both. Where the member data's programs were compiled before (ahead, in another thread),
+    their seconds then are used (`_DATA_COMPILE`)."""
     runs = engine.pad_members(pending[:size], size)
     timer = engine.Timer()
     member = phase.member_data([r.index for r in runs], data)
     jax.block_until_ready(member)
     construct = timer.seconds - timer.compile_seconds  # a wave's fixed cost, compiling apart
+    key = (phase.name, size, sharding.member_devices(data.mesh))
+    if timer.compile_seconds > _DATA_COMPILE.get(key, 0.0):
+        _DATA_COMPILE[key] = timer.compile_seconds
+    data_compile = _DATA_COMPILE.get(key, 0.0)
     k = min(phase.position(r.done)[0] for r in pending[:size])
     state = engine.stack([r.member.variables for r in runs])
     for e in engines[: k + 1]:
@@ -410,7 +423,8 @@ def _probe(phase: Phase, engines, pending: list[_Run], data: DeviceData, size: i
     need = engines[k].memory_per_member(state, shared, member, part)
     if not timed:
         return need, None, 0.0, construct
-    return need, *engines[k].step_seconds(state, shared, member, part), construct
+    step_s, compile_s = engines[k].step_seconds(state, shared, member, part)
+    return need, step_s, compile_s + data_compile, construct
 
 
 def _timed_steps(phase: Phase, runs) -> int | None:
