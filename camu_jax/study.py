@@ -538,6 +538,13 @@ def run_study(
             extra = {"points": len(group)} if len(group) > 1 else {}
             if compiled_ahead is not None:
                 extra["compiled_ahead"] = compiled_ahead
+                # A model's compile seconds count its programs wherever they were compiled:
+                # what was compiled ahead, split equally over the members that ran.
+                ran = [i for lb in group_labels for _, i in out[lb] if i.get("epochs_run", 1) > 0]
+                for info in ran:
+                    share = compiled_ahead["compile_seconds"] / len(ran)
+                    info["compile_seconds"] += share
+                    info["seconds"] += share
             phases.append(
                 _phase(name, timer, len(runs) * len(group), resumed_members=resumed, **extra)
             )

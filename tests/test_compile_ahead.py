@@ -62,6 +62,12 @@ def test_method_phases_compile_nothing_when_compiled_ahead(study):
         (phase,) = [p for p in ahead["phases"] if p["phase"] == name]
         assert phase["compiled_ahead"]["programs_compiled"] > 0, phase
         assert phase["programs"]["compiled"] == {}, phase
+        # Its models' compile seconds count what was compiled for them ahead, split equally.
+        members = [run["methods"][name] for run in ahead["runs"]]
+        share = phase["compiled_ahead"]["compile_seconds"] / len(members)
+        for m in members:
+            assert m["compile_seconds"] >= share > 0, (name, m, share)
+            assert m["seconds"] == pytest.approx(m["compile_seconds"] + m["run_seconds"])
     # The same numbers as without it (the same programs).
     jax.clear_caches()
     plain = study(False)

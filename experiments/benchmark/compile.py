@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -51,6 +52,10 @@ MANAGED_FLAGS = ("--workdir", "--checkpoint-dir", "--xla-cache", "--progress", "
 SCORES = ("forget_train_acc", "remain_train_acc", "test_acc", "mia")
 
 
+# The checkout whose `experiments.unlearn` the processes run (--compile-checkout; None: this).
+CHECKOUT: Path | None = None
+
+
 class RunError(RuntimeError):
     """A job's process failed; the message carries the end of its output."""
 
@@ -66,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="--only compile: further flags for every python -m experiments.unlearn process, "
         "given last (e.g. '--original-epochs 1')",
+    )
+    parser.add_argument(
+        "--compile-checkout",
+        default=None,
+        help="--only compile: run the processes in this checkout (a git worktree of another "
+        "commit, for a before/after table on one host in one hour); this checkout's harness "
+        "reads their results.json (default: this checkout)",
     )
     parser.add_argument(
         "--compile-tune-grid",
@@ -101,6 +113,11 @@ def settings_from_cli(ns: argparse.Namespace) -> dict:
     for job in jobs:
         if job != "tune":
             check_args(job_args(job, extra))
+    global CHECKOUT
+    if ns.compile_checkout is not None:
+        CHECKOUT = Path(ns.compile_checkout).resolve()
+        if not (CHECKOUT / EXPERIMENTS.split(".")[-1] / "unlearn.py").is_file():
+            raise ValueError(f"--compile-checkout {ns.compile_checkout}: no experiments/unlearn.py")
     return {"jobs": jobs, "extra": extra, "grid": grid}
 
 
@@ -203,14 +220,18 @@ def run_process(
     args: list[str], workdir: Path, cache: Path, checkpoints: Path | None = None, *, log=print
 ) -> dict:
     """`python -m experiments.unlearn ARGS` in a fresh process; its results.json."""
-    cmd = [sys.executable, "-m", f"{EXPERIMENTS}.unlearn", "--no-progress"]
+    module = f"{EXPERIMENTS}.unlearn" if CHECKOUT is None else "experiments.unlearn"
+    cmd = [sys.executable, "-m", module, "--no-progress"]
     cmd += ["--workdir", str(workdir), "--xla-cache", str(cache)]
     if checkpoints is not None:
         cmd += ["--checkpoint-dir", str(checkpoints)]
     cmd += list(args)
     log(f"[benchmark]   {shlex.join(cmd[1:])}")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = None
+    if CHECKOUT is not None:  # that checkout's packages first, whatever is installed
+        env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
+    proc = subprocess.run(cmd, cwd=CHECKOUT or ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout)[-2000:]
