@@ -408,7 +408,7 @@ def run_study(
       a phase finds them compiled; each phase records what was compiled for it ahead
       (`compiled_ahead`). Default: on in one process. On an accelerator the host's cores are
       idle while the device trains; on a CPU the thread shares the cores with training, so
-      it saves less (`--methods all` on digits, 2 cores: 11 % of the wall, docs/benchmarks.md)
+      it saves less (`--methods all` on digits, 2 cores: 10 % of the wall, docs/benchmarks.md)
       but still overlaps compiling with the originals' training, with the membership attacks'
       fitting and with Python's work between steps. Where a CPU phase times layouts
       (`engine.place`), the thread compiles its fallback (one member at a time on one device,

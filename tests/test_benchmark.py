@@ -340,6 +340,7 @@ def test_compile_job_tables_from_results(monkeypatch, capsys):
         "phases_s": 6.0,
         "compile_s": 4.0,
         "run_s": 2.0,
+        "ahead_s": 0.0,  # nothing compiled ahead in these records
         "compile_share": pytest.approx(4 / 6),
         "programs_compiled": 8,
         "programs_loaded": 0,
@@ -432,3 +433,37 @@ def test_compile_tune_runs_both_sides(tmp_path):
     assert set(tune["scores"]["population"]) == {"0.01", "0.02"}
     diff = tune["scores"]["max_abs_difference"]
     assert all(v is not None and v <= 0.5 for v in diff.values()), diff
+
+
+def test_compile_rows_count_programs_compiled_ahead_with_their_phase():
+    from experiments.benchmark import compile as compile_part
+
+    programs = {"compiled": {"jit(loop)": 1}, "loaded": {}}
+    phase = {
+        "phase": "camu",
+        "seconds": 2.0,
+        "compile_seconds": 0.5,
+        "programs_compiled": 1,
+        "programs_loaded": 0,
+        "xla_compile_seconds": 0.4,
+        "cache_load_seconds": 0.0,
+        "programs": programs,
+        "compiled_ahead": {
+            "seconds": 3.1,
+            "compile_seconds": 3.0,
+            "programs_compiled": 2,
+            "programs_loaded": 1,
+            "xla_compile_seconds": 2.5,
+            "cache_load_seconds": 0.2,
+            "programs": {"compiled": {"jit(loop)": 1, "jit(one)": 1}, "loaded": {"jit(x)": 1}},
+        },
+    }
+    (row,) = compile_part.phase_rows([phase])
+    assert (row["compile_s"], row["run_s"], row["ahead_s"]) == (0.5, 1.5, 3.0)
+    assert (row["programs_compiled"], row["programs_loaded"]) == (3, 1)
+    assert row["programs"] == {
+        "compiled": {"jit(loop)": 2, "jit(one)": 1},
+        "loaded": {"jit(x)": 1},
+    }
+    totals = compile_part.totals([row], wall=5.0)
+    assert totals["ahead_s"] == 3.0 and totals["compile_share"] == pytest.approx(0.25)
