@@ -206,10 +206,10 @@ def run(r: Resolved, command: str, *, log=print) -> dict:
     from camu_jax.data.loading import load_dataset
     from camu_jax.data.pipeline import DeviceData, input_spec_for
     from camu_jax.models import create_model
-    from camu_jax.study import Store
 
     from .audit_report import write_outputs
     from .reporting import remove_stale_temp_files
+    from .run import checkpoint_store
 
     args = r.args
     devices = jax.devices()
@@ -233,15 +233,8 @@ def run(r: Resolved, command: str, *, log=print) -> dict:
     spec = input_spec_for(args.dataset, r.model)
     train = DeviceData.put(data.train_images, data.train_labels, spec=spec, mesh=mesh)
     test = DeviceData.put(data.test_images, data.test_labels, spec=spec, mesh=mesh)
-    store = Store(
-        root=Path(args.checkpoint_dir or r.workdir / "checkpoints"),
-        prefix=f"{args.dataset}-{r.model}",
-        identity={
-            "dataset": args.dataset,
-            "model": r.model,
-            "train_data_sha256": data.train_fingerprint,
-        },
-        checkpoint_every=args.checkpoint_every,
+    store = checkpoint_store(
+        args.checkpoint_dir, r.workdir, args.dataset, r.model, data, args.checkpoint_every
     )
     lock = checkpointing.lock_directory(r.workdir) if main else None
     try:
@@ -279,7 +272,7 @@ def run(r: Resolved, command: str, *, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    from .unlearn import check_writable_dir, use_cpu_cores
+    from .unlearn import check_writable_dir, use_cpu_cores, use_xla_cache
 
     try:
         resolved = resolve(args)
@@ -294,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     if args.xla_cache:
-        jax.config.update("jax_compilation_cache_dir", args.xla_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        use_xla_cache(args.xla_cache)
     from camu_jax.sharding import maybe_initialize_distributed
 
     command = shlex.join(["python", "-m", "experiments.audit", *argv])

@@ -95,15 +95,8 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
             tag = "all" if classes is None else "-".join(map(str, classes))
             runs.append(Run(seed, splits, classes, f"{config.scenario}-{tag}-seed{seed}"))
     workdir = Path(config.workdir)
-    store = Store(
-        root=Path(config.checkpoint_dir or workdir / "checkpoints"),
-        prefix=f"{config.dataset}-{config.model}",
-        identity={
-            "dataset": config.dataset,
-            "model": config.model,
-            "train_data_sha256": data.train_fingerprint,
-        },
-        checkpoint_every=config.checkpoint_every,
+    store = checkpoint_store(
+        config.checkpoint_dir, workdir, config.dataset, config.model, data, config.checkpoint_every
     )
     method_configs = config.method_configs()
     check_output_paths(
@@ -170,6 +163,20 @@ def run_experiment(config: ExperimentConfig, *, log=print) -> dict:
         if main:
             _write(results, workdir)
     return results
+
+
+def checkpoint_store(
+    checkpoint_dir: str | None, workdir: Path, dataset: str, model: str, data, every: float
+) -> Store:
+    """Where a study's (or an audit's) models are checkpointed: `checkpoint_dir`, else
+    `<workdir>/checkpoints`, named and identified by the dataset, the model and the training
+    data's fingerprint, saved every `every` seconds."""
+    return Store(
+        root=Path(checkpoint_dir or workdir / "checkpoints"),
+        prefix=f"{dataset}-{model}",
+        identity={"dataset": dataset, "model": model, "train_data_sha256": data.train_fingerprint},
+        checkpoint_every=every,
+    )
 
 
 def _relative(path: str, workdir: Path) -> str:

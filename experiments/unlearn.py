@@ -84,6 +84,17 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise ValueError(f"{flag} {path} is not writable ({existing}: {e.strerror or e})") from None
 
 
+def use_xla_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory`, for every program, however small:
+    a warm run then compiles nothing (small programs each cost a few hundred milliseconds on
+    a GPU, and a run has dozens of them)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def use_cpu_cores() -> None:
     """One XLA CPU device per usable core, so that a population's members run in parallel on
     the host's cores when JAX runs on the CPU (XLA:CPU runs one member's small steps on about
@@ -121,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     if args.xla_cache:
-        jax.config.update("jax_compilation_cache_dir", args.xla_cache)
-        # Every program, however small: a warm run then compiles nothing (small programs each
-        # cost a few hundred milliseconds on a GPU, and a run has dozens of them).
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        use_xla_cache(args.xla_cache)
     from camu_jax.sharding import maybe_initialize_distributed
 
     from .run import run_experiment

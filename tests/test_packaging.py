@@ -168,6 +168,15 @@ def test_the_command_dispatches_to_the_scripts(capsys, tmp_path):
     assert main([]) == 2 and "usage: camu-jax" in capsys.readouterr().err
 
 
+def absolute_imports(path):
+    """`(node, [module names])` of each absolute import statement in the file."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield node, [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node, [node.module]
+
+
 def test_the_scripts_import_each_other_relatively():
     """`from .configs import ...`, never `from experiments.configs import ...`: installed, the
     package is `camu_jax.experiments` and no `experiments` exists. The library never imports
@@ -175,13 +184,7 @@ def test_the_scripts_import_each_other_relatively():
     absolute = []
     for folder in PACKAGE_DIRS:
         for path in sources(folder):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                    names = [node.module]
-                else:
-                    continue
+            for node, names in absolute_imports(path):
                 if any(re.match(r"(camu_jax\.)?experiments(\.|$)", n) for n in names):
                     absolute.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not absolute, f"absolute imports of the scripts: {absolute}"
@@ -194,13 +197,7 @@ def third_party_imports(*folders: str) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for folder in folders:
         for path in sources(folder):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                    names = [node.module]
-                else:
-                    continue
+            for _, names in absolute_imports(path):
                 for name in names:
                     top = name.split(".")[0]
                     if top not in sys.stdlib_module_names and top not in own:

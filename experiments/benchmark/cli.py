@@ -123,26 +123,20 @@ def main(argv=None) -> int:
         parser.error("--out is required")
     sections = set(_csv(args.only, SECTIONS, "--only", parser))
     wanted_steps = _csv(args.steps, STEP_NAMES, "--steps", parser) if args.steps else None
-    study_args = None
-    if "study" in sections:
+
+    def settings(section, parse):
+        """A section's settings from the flags (None where it does not run); a bad flag is
+        the parser's error."""
+        if section not in sections:
+            return None
         try:
-            study_args = study.args_from_cli(args)
+            return parse(args)
         except ValueError as e:
             parser.error(str(e))
 
-    compile_settings = None
-    if "compile" in sections:
-        try:
-            compile_settings = compile_part.settings_from_cli(args)
-        except ValueError as e:
-            parser.error(str(e))
-
-    audit_settings = None
-    if "audit" in sections:
-        try:
-            audit_settings = audit_part.args_from_cli(args)
-        except ValueError as e:
-            parser.error(str(e))
+    study_args = settings("study", study.args_from_cli)
+    compile_settings = settings("compile", compile_part.settings_from_cli)
+    audit_settings = settings("audit", audit_part.args_from_cli)
 
     placement_names = None
     if "placement" in sections:
