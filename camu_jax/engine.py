@@ -19,6 +19,8 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
+import math
 import os
 import threading
 import time
@@ -226,7 +228,8 @@ class Engine:
             lower_s = time.perf_counter() - t
             self._aot[key], build_s = compile_shared(lowered, args, cost=True)
             # What the program costs to compile, also where an identical one was compiled
-            # before (`place` weighs it against what another layout could save).
+            # before or it was loaded from the persistent cache (`place` weighs it against
+            # what another layout could save).
             self.compile_seconds[key] = lower_s + build_s
         return self._aot[key], args, self.compile_seconds[key]
 
@@ -393,12 +396,15 @@ CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_use_fusion_emitters": False}
 _OPTIONS_REFUSED: list[str] = []
 
 
+def _platform(args: Any) -> str:
+    """The platform of the devices `args` (a program's arguments) are on."""
+    leaves = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
+    return next(iter(leaves[0].sharding.device_set)).platform if leaves else jax.default_backend()
+
+
 def _compile(lowered, args: Any):
     """`lowered.compile()`, with `CPU_COMPILER_OPTIONS` for a program of CPU devices."""
-    leaves = [x for x in jax.tree.leaves(args) if isinstance(x, jax.Array)]
-    platform = (
-        next(iter(leaves[0].sharding.device_set)).platform if leaves else jax.default_backend()
-    )
+    platform = _platform(args)
     if platform != "cpu" or not CPU_COMPILER_OPTIONS or _OPTIONS_REFUSED:
         return lowered.compile()
     try:
@@ -415,29 +421,96 @@ def _compile(lowered, args: Any):
         return lowered.compile()
 
 
+# What each program cost XLA to compile, kept beside JAX's persistent compilation cache (in
+# `jax_compilation_cache_dir`, when one is set) so that a run which loads a program from that
+# cache in a fraction of a second still knows what compiling it, or a program like it, costs:
+# `place` weighs other layouts (compiled anew, most likely) against it. By program fingerprint
+# (the sha256 of its lowered text, its donations, options and platform).
+COMPILE_COSTS_FILE = "camu_compile_seconds.json"
+_COSTS: dict[str, float] = {}
+_COSTS_LOCK = threading.Lock()
+
+
+def _costs_path() -> str | None:
+    directory = jax.config.jax_compilation_cache_dir
+    return os.path.join(directory, COMPILE_COSTS_FILE) if directory else None
+
+
+def _read_costs(path: str) -> dict[str, float]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: only a lost estimate
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        k: float(v)
+        for k, v in data.items()
+        if isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+    }
+
+
+def recorded_compile_seconds(fingerprint: str) -> float | None:
+    """The seconds XLA took to compile the program `fingerprint` when it was last compiled
+    (in this process, or by any run that shared its persistent compilation cache); None when
+    unknown."""
+    with _COSTS_LOCK:
+        if fingerprint not in _COSTS:
+            path = _costs_path()
+            if path is not None:
+                _COSTS.update({**_read_costs(path), **_COSTS})
+        return _COSTS.get(fingerprint)
+
+
+def _record_compile_seconds(fingerprint: str, seconds: float) -> None:
+    """Keeps `seconds` for `fingerprint`, in memory and (merged with what other runs wrote,
+    written whole through a temporary file) in the persistent cache's directory."""
+    with _COSTS_LOCK:
+        _COSTS[fingerprint] = seconds
+        path = _costs_path()
+        if path is None:
+            return
+        try:
+            merged = {**_read_costs(path), fingerprint: seconds}
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(merged, f)
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache: the estimate lives in this process only
+            pass
+
+
 def compile_shared(lowered, args: Any, *, cost: bool = False) -> Any:
     """`lowered.compile()`, or the executable of an identical program compiled before in this
     process: same lowered text, same result tree, and arguments `args` (those `lowered` was
     lowered for) of the same tree, shapes, dtypes, shardings and donations. (The arguments
     count whole: a program leaves out of its text the arguments it does not read, yet its
-    executable checks all of them.) With `cost`, `(executable, seconds)`: the seconds its
-    compilation took when it was compiled (what a program like it costs, for `place`)."""
+    executable checks all of them.) With `cost`, `(executable, seconds)`: what compiling it
+    with XLA costs (what a program like it costs, for `place`): the seconds its compilation
+    took, also where it was loaded from the persistent compilation cache since (its recorded
+    seconds, `recorded_compile_seconds`; the load's own where none was recorded)."""
     text = lowered.as_text()
     donated = tuple(a.donated for a in jax.tree.leaves(lowered.args_info))
-    key = (
-        hashlib.sha256(text.encode()).hexdigest(),
-        lowered.out_tree,
-        donated,
-        _signature(None, args)[1:],
-    )
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    key = (digest, lowered.out_tree, donated, _signature(None, args)[1:])
     with _SHARED_LOCK:
         if key in _SHARED:
             _SHARED.move_to_end(key)
             compiled, seconds = _SHARED[key]
             return (compiled, seconds) if cost else compiled
+    fingerprint = hashlib.sha256(
+        repr((digest, donated, _platform(args), sorted(CPU_COMPILER_OPTIONS.items()))).encode()
+    ).hexdigest()
+    compile_seconds()  # JAX's compile events tell compiled from loaded (`_listener`)
+    _thread.built = None
     t = time.perf_counter()
     compiled = _compile(lowered, args)
     seconds = time.perf_counter() - t
+    if _thread.built == "compiled":
+        _record_compile_seconds(fingerprint, seconds)
+    elif _thread.built == "loaded":
+        seconds = recorded_compile_seconds(fingerprint) or seconds
     with _SHARED_LOCK:
         _SHARED[key] = (compiled, seconds)
         while len(_SHARED) > SHARED_EXECUTABLES:
@@ -612,6 +685,17 @@ def _fit(sub: Mesh, rows: int, full: int, need: float) -> int:
     return max(rows, min(full, fit // rows * rows))
 
 
+# A layout over several devices, or with several members to a device, is a program that costs
+# XLA more to compile than one member's on one device: 2.0-2.3x for the digits CNN's training
+# (0.89-0.90 s for one member on one device; 2.04 s for one per device, 1.85 s for five per
+# device), 0.9-1.1x for CaMU's two programs (3.5 s; 3.1 s; 3.9 s), on 2 CPU devices (JAX's
+# compile log of `python -m experiments.unlearn --forget-class all --seeds 0 --no-relearn
+# --population-size 1|2|10`, 2026-12-07). `place` prices a layout it has not compiled at this
+# multiple of the one-member program's cost, the dearest measured, so a layout is tried only
+# where it could repay even that.
+OTHER_LAYOUT_COMPILE_RATIO = 2.3
+
+
 def _timed_choice(
     mesh: Mesh,
     sub: Mesh,
@@ -636,12 +720,14 @@ def _timed_choice(
     t / members per wave`. A is timed first: it is the fallback, and often compiled already
     (an earlier phase's program). Another layout is compiled and timed only where it could
     pay back its compilation even at its best: B with all devices busy and A's cost per wave,
-    C with free steps in one wave; either against at least what A's program cost to compile
-    (a program of the same steps; a stacked or spread one costs no less). Of the layouts
-    timed, the fastest runs (their compilation is spent by then). So a phase too short to
-    repay a compile runs exactly as one at a time, and a longer one the layout measured
-    fastest. (Digits on two CPU devices: 20 CaMU runs, about 5 s of steps and 0.2 s to build
-    each run's counterfactual embeddings, weigh 3-4 s of compiling for each layout.)
+    C with free steps in one wave; either against what A's program cost XLA to compile (its
+    recorded seconds where it was loaded from the persistent cache) times
+    `OTHER_LAYOUT_COMPILE_RATIO`. So a warm run tries the layouts its cold run tried (found
+    in the cache then), and no others. Of the layouts timed, the fastest runs (their
+    compilation is spent by then). So a phase too short to repay a compile runs exactly as
+    one at a time, and a longer one the layout measured fastest. (Digits on two CPU devices:
+    20 CaMU runs, about 5 s of steps and 0.2 s to build each run's counterfactual
+    embeddings, could save at most 4.4 s against 2.3 x 4.6 s of compiling: one at a time.)
     """
     one = submesh(mesh, 1)
     need, t1, c1, w1 = probe(one, 1, not ahead)
@@ -657,9 +743,10 @@ def _timed_choice(
     timed = {"one_device": (one, 1, t1, cost(t1, w1, 1))}
     best = timed["one_device"][3]
     skipped = []
+    other = c1 * OTHER_LAYOUT_COMPILE_RATIO  # what compiling another layout may cost
     if rows > 1:
         saved = best - cost(t1, w1, rows)  # all devices busy, A's wave cost
-        if saved > c1:
+        if saved > other:
             _, tn, _, wn = probe(sub, rows, True)
             timed["1_per_device"] = (sub, rows, tn, cost(tn, wn, rows))
             best = min(best, timed["1_per_device"][3])
@@ -667,7 +754,7 @@ def _timed_choice(
             skipped.append(f"one per device could save at most {saved:.1f} s")
     if size > rows:
         saved = best - w1 * -(-count // size)  # free steps, A's wave cost
-        if saved > c1:
+        if saved > other:
             _, ts, _, ws = probe(sub, size, True)
             timed[f"{size // rows}_per_device"] = (sub, size, ts, cost(ts, ws, size))
         else:
@@ -690,7 +777,10 @@ def _timed_choice(
     )
     rule = f"timed probe: {where}; the phase's estimate {estimate}"
     if skipped:
-        rule += f"; not tried, as compiling costs about {c1:.1f} s: " + ", ".join(skipped)
+        rule += (
+            f"; not tried, as compiling another layout may cost {other:.1f} s ({c1:.1f} s "
+            "one at a time): " + ", ".join(skipped)
+        )
     return chosen_mesh, chosen_size, rule, rates
 
 
@@ -945,7 +1035,9 @@ class _Ledger:
 
 
 _ledgers: dict[str, _Ledger] = {}
-_thread = threading.local()  # `scope`; `pending`: a cache hit not yet claimed by its program
+# `scope`; `pending`: a cache hit not yet claimed by its program; `built`: how the last program
+# was built ("compiled" or "loaded")
+_thread = threading.local()
 _listening = [False]
 
 
@@ -977,6 +1069,7 @@ def _listener(event: str, duration: float, **kwargs) -> None:
             _thread.pending = False
             counts, kind = (ledger.loaded, "loaded") if loaded else (ledger.compiled, "compiled")
             counts[name] = counts.get(name, 0) + 1
+            _thread.built = kind  # for `compile_shared`: compiled by XLA, or loaded
             ledger.backend[kind] += duration
 
 

@@ -62,6 +62,54 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
         assert r["compile_seconds"] >= backend
 
 
+# One process: a program built through `engine.compile_shared`, with its cost for `place`.
+SHARED = """
+import json, os, sys
+import jax, jax.numpy as jnp
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from camu_jax import engine
+
+x = jnp.arange(64.0).reshape(8, 8)
+x.block_until_ready()
+timer = engine.Timer()
+lowered = jax.jit(lambda x: jnp.tanh(x @ x.T) * 3.0 - x).lower(x)
+_, seconds = engine.compile_shared(lowered, (x,), cost=True)
+with open(os.path.join(sys.argv[1], engine.COMPILE_COSTS_FILE)) as f:
+    record = json.load(f)
+print(json.dumps({**timer.compile_record(), "cost": seconds, "record": record}))
+"""
+
+
+def test_a_program_loaded_from_the_cache_costs_what_compiling_it_cost(tmp_path):
+    # `place` weighs other layouts against what the program it timed first costs to compile:
+    # a warm run, which loads that program from the persistent cache in a fraction of the
+    # time, must weigh them as its cold run did (the layouts it tries are then cached too).
+    cache = tmp_path / "xla-cache"
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-c", SHARED, str(cache)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["programs_compiled"] == 1 and second["programs_loaded"] == 1, runs
+    # The first run compiled it and recorded its seconds; the second loaded it and reports
+    # those recorded seconds as its cost, not its own (the load's).
+    ((fingerprint, recorded),) = first["record"].items()
+    assert second["record"] == {fingerprint: recorded}
+    # Its wall seconds around `compile()`, which holds JAX's backend-compile event.
+    assert 0 < first["xla_compile_seconds"] <= recorded
+    assert first["cost"] == recorded and second["cost"] == recorded
+    assert second["cache_load_seconds"] > 0
+
+
 def test_compile_records_add_up():
     from camu_jax import engine
 

@@ -81,7 +81,8 @@ def test_timed_probe_picks_the_fastest_layout(report):
 def test_a_phase_too_short_to_repay_a_compile_runs_one_at_a_time(report):
     short = report["ten_short"]
     assert (short["member_devices"], short["wave_size"], short["waves"]) == (1, 1, 10)
-    assert "not tried" in short["rule"] and "compiling costs about 1.0 s" in short["rule"]
+    assert "not tried" in short["rule"]
+    assert "compiling another layout may cost 2.3 s (1.0 s one at a time)" in short["rule"]
     # one at a time timed: nothing else compiled, not even for a memory analysis
     assert [tuple(c) for c in report["ten_short_calls"]] == [(1, 1, True)]
 
@@ -95,7 +96,7 @@ def test_compiling_ahead_compiles_the_layout_timed_first(report):
 def test_few_members_spread_only_when_it_pays_back_the_compile(report):
     short = report["two_short"]
     assert (short["member_devices"], short["wave_size"], short["waves"]) == (1, 1, 2)
-    assert "compiling costs" in short["rule"]
+    assert "compiling another layout may cost" in short["rule"]
     assert [tuple(c) for c in report["two_short_calls"]] == [(1, 1, True)]
     spread = report["two_long"]
     assert (spread["member_devices"], spread["wave_size"], spread["waves"]) == (2, 2, 1)

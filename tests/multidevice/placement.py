@@ -62,13 +62,15 @@ def main():
     calls = []
     short = engine.place(None, 10, mesh, fake_probe(0.01, 0.01, calls, 0.01), steps=100, **quiet)
     out["ten_short"], out["ten_short_calls"] = short.record(), calls
-    # 300 steps (3 s): spreading could save 1.5 s and is timed (2 / 30 ms: slower, 67/s);
-    # stacking, at most the 3 s, too (10 / 0.2 s = 50/s): one at a time (100/s) stays
+    # 600 steps (6 s): spreading could save 3 s, more than another layout's compile may cost
+    # (2.3 x 1 s, `engine.OTHER_LAYOUT_COMPILE_RATIO`), and is timed (2 / 30 ms: slower, 67/s);
+    # stacking, at most the 6 s, too (10 / 0.2 s = 50/s): one at a time (100/s) stays
     calls = []
-    ten_one = engine.place(None, 10, mesh, fake_probe(0.2, 0.03, calls, 0.01), steps=300, **quiet)
+    ten_one = engine.place(None, 10, mesh, fake_probe(0.2, 0.03, calls, 0.01), steps=600, **quiet)
     out["ten_one_device"], out["ten_one_device_calls"] = ten_one.record(), calls
     # ... but where each wave costs 0.5 s to build (the teachers' passes), 10 waves one at a
     # time (5 s) lose to 1 stacked wave: 0.5 + 300 x 0.2 / 10 = 6.5 s against 3 + 5 = 8 s
+    # (300 steps: spreading could save 4 s, stacking 7.5 s; both timed)
     calls = []
     probe = fake_probe(0.2, 0.03, calls, 0.01, wave_s=0.5)
     out["ten_costly_waves"] = engine.place(None, 10, mesh, probe, steps=300, **quiet).record()
@@ -80,7 +82,7 @@ def main():
     out["ten_ahead"], out["ten_ahead_calls"] = ahead.record(), calls
     # Without the step count (no timing possible), the memory rule alone: one wave of all
     out["ten_untimed"] = engine.place(None, 10, mesh, fake_probe(2.0, 1.0, []), **quiet).record()
-    # Two members, two devices: spread only when it can pay back its compile (1 s here).
+    # Two members, two devices: spread only when it can pay back its compile (2.3 x 1 s here).
     # 100 steps of 10 ms one at a time could save at most 0.5 s: one device, no probe of two.
     calls = []
     short = engine.place(None, 2, mesh, fake_probe(0, 0.012, calls, 0.01), steps=100, **quiet)
