@@ -8,8 +8,10 @@ run. Plans are padded to the longest member: a step whose plan row holds no real
 leaves its member's state bit-identical (a select, not an update), so members of different
 lengths, and waves of members, share one compiled program.
 
-On accelerators a chunk of steps is one `lax.scan`; on CPU each step is its own jitted call,
-because XLA:CPU runs convolutions inside a `while` loop ~10x slower.
+On accelerators a chunk of steps is one `lax.scan`. On CPU too, where the program computes no
+XLA convolution (the digits CNN's layers, a population's patch-matrix convolutions); a program
+that does runs each step as its own jitted call, because XLA:CPU runs convolutions inside a
+`while` loop 10-17x slower (the MNIST CNN's training step: 76 against 4.5 ms).
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ PyTree = Any
 Plan = dict[str, np.ndarray]  # name -> [members, steps, batch] (host)
 
 
-def default_use_scan() -> bool:
-    """Scan chunks of steps on accelerators (one launch per chunk); one jitted call per step on
-    CPU, where XLA runs convolutions inside a `while` loop ~10x slower (measured on the CNN)."""
-    return jax.default_backend() != "cpu"
+def default_use_scan() -> bool | None:
+    """True on accelerators: a scanned chunk of steps per launch. None on CPU: per program
+    (`Engine`), a scanned chunk where it computes no XLA convolution, one jitted call per step
+    where it does (XLA:CPU runs convolutions inside a `while` loop 10-17x slower: the MNIST
+    CNN's training step took 76 against 4.5 ms). Without convolutions the scan is the faster:
+    the digits CNN's training in the engine, 2 CPU devices, one member each, 0.48 against 1.0
+    ms a member-step; one member on one device 0.80 against 1.03 ms (2026-12-07)."""
+    return None if jax.default_backend() == "cpu" else True
 
 
 def row_active(row: dict) -> jax.Array:
@@ -131,7 +137,10 @@ class Engine:
 
     def __init__(self, program: Program, mesh: Mesh, *, use_scan: bool | None = None):
         self.mesh = mesh
+        # True, False, or None: per program, by its convolutions (`default_use_scan`), decided
+        # once per wave width (the convolution form depends on the members per device)
         self.use_scan = default_use_scan() if use_scan is None else use_scan
+        self._scans: dict[int, bool] = {}
         # On jax 0.10.2, fake CPU devices can deadlock in a collective (XLA may insert one
         # even without a data axis) unless every step is waited for.
         self.sync = sharding.needs_sync(mesh)
@@ -210,40 +219,56 @@ class Engine:
             self._inits[key] = compile_shared(self._init.lower(variables), (variables,))
         return self._inits[key](variables)
 
-    def _program(self, state, shared, member, plan: Plan):
-        """`(compiled, args, compile seconds)` of the program that runs `plan`: the scan over
-        the chunk, or the loop step (with its first row index); compiled ahead of time once
-        per signature, and kept."""
-        if self.use_scan:
+    def _args(self, scan: bool, state, shared, member, plan: Plan):
+        if scan:
             rows = {k: np.swapaxes(v, 0, 1) for k, v in plan.items()}  # [k, P, b]
             rows = sharding.shard_members(rows, self.mesh, axis=1, batch=True)
-            fn, args = self._scan, (state, shared, member, rows)
-        else:
-            on_device = sharding.shard_members(plan, self.mesh, batch=True, batch_axis=2)
-            fn, args = self._one, (state, shared, member, on_device, np.int32(0))
+            return self._scan, (state, shared, member, rows)
+        on_device = sharding.shard_members(plan, self.mesh, batch=True, batch_axis=2)
+        return self._one, (state, shared, member, on_device, np.int32(0))
+
+    def scans(self, members: int) -> bool | None:
+        """Whether a wave of `members` runs scanned chunks (None: not decided yet)."""
+        return self.use_scan if self.use_scan is not None else self._scans.get(members)
+
+    def _program(self, state, shared, member, plan: Plan):
+        """`(compiled, scanned, args, compile seconds)` of the program that runs `plan`: the
+        scan over the chunk, or the loop step (with its first row index); compiled ahead of
+        time once per signature, and kept. Undecided (CPU), the scan is lowered first and
+        kept unless it holds an XLA convolution."""
+        width = jax.tree.leaves(state)[0].shape[0]
+        scan = self.scans(width)
+        fn, args = self._args(scan is not False, state, shared, member, plan)
         key = _signature(fn, args)
         if key not in self._aot:
             t = time.perf_counter()
             lowered = fn.lower(*args)
+            if scan is None:
+                scan = self._scans[width] = "convolution" not in lowered.as_text()
+                if not scan:
+                    fn, args = self._args(False, state, shared, member, plan)
+                    key = _signature(fn, args)
+                    lowered = None if key in self._aot else fn.lower(*args)
             lower_s = time.perf_counter() - t
+        if key not in self._aot:
             self._aot[key], build_s = compile_shared(lowered, args, cost=True)
             # What the program costs to compile, also where an identical one was compiled
             # before or it was loaded from the persistent cache (`place` weighs it against
             # what another layout could save).
             self.compile_seconds[key] = lower_s + build_s
-        return self._aot[key], args, self.compile_seconds[key]
+        return self._aot[key], fn is self._scan, args, self.compile_seconds[key]
 
     def compile(self, state, shared, member, plan: Plan) -> float:
         """Compiles (ahead of time, once per signature) the program that runs `plan` on this
         state, without running it; returns its compile seconds (0 when it was compiled)."""
         key_count = len(self._aot)
-        _, _, seconds = self._program(state, shared, member, plan)
+        _, _, _, seconds = self._program(state, shared, member, plan)
         return seconds if len(self._aot) > key_count else 0.0
 
     def memory_per_member(self, state, shared, member, plan: Plan) -> float:
         """Device bytes one member of this population needs, from the compiled program's
         memory analysis (arguments + outputs + temporaries - donated aliases)."""
-        compiled, args, _ = self._program(state, shared, member, plan)
+        compiled, _, args, _ = self._program(state, shared, member, plan)
         m = compiled.memory_analysis()
         if m is None:  # a backend without the analysis: count the arguments only
             total = sum(x.nbytes for x in jax.tree.leaves(args) if hasattr(x, "nbytes"))
@@ -260,12 +285,20 @@ class Engine:
         self, state, shared, member, plan: Plan, steps: int = 3
     ) -> tuple[float | None, float]:
         """`(seconds, compile seconds)`: the median wall seconds of one step of this
-        population, timed over `steps` steps after one untimed (None where a call runs a
-        whole scanned chunk: accelerators), and the seconds its program took to compile. The
-        state is donated: pass a throwaway one."""
-        fn, args, compile_s = self._program(state, shared, member, plan)
-        if self.use_scan:
-            return None, compile_s
+        population, timed over `steps` steps after one untimed (a scanned chunk: the second
+        of two calls, over its steps; None on accelerators, where timing would wait for a
+        whole chunk), and the seconds its program took to compile. The state is donated:
+        pass a throwaway one."""
+        fn, scanned, args, compile_s = self._program(state, shared, member, plan)
+        if scanned:
+            if jax.default_backend() != "cpu":
+                return None, compile_s
+            state, shared, member, rows = args
+            for _ in range(2):
+                t = time.perf_counter()
+                state, _ = fn(state, shared, member, rows)
+                jax.block_until_ready(state)
+            return (time.perf_counter() - t) / next(iter(plan.values())).shape[1], compile_s
         state, shared, member, on_device, _ = args
         rows = next(iter(plan.values())).shape[1]
         times = []
@@ -277,8 +310,8 @@ class Engine:
         return float(np.median(times[1:])), compile_s
 
     def __call__(self, state, shared, member, plan: Plan):
-        fn, args, _ = self._program(state, shared, member, plan)
-        if self.use_scan:
+        fn, scanned, args, _ = self._program(state, shared, member, plan)
+        if scanned:
             state, metrics = fn(*args)
             return state, sharding.fetch(metrics)
         _, _, _, on_device, _ = args
@@ -585,7 +618,7 @@ _placements: list[dict] = []
 
 # Probe returns `(bytes per member, seconds per step or None, compile seconds, wave seconds)`
 # of a wave of `size` members on `mesh`; seconds per step only when `timed` and the engine can
-# time a step (the per-step loop), compile seconds what its program costs to compile, wave
+# time a step (on CPU), compile seconds what its program costs to compile, wave
 # seconds what building the wave's member data took (a wave's fixed cost, compiling apart).
 Probe = Callable[[Mesh, int, bool], tuple[float, float | None, float, float]]
 
@@ -617,7 +650,7 @@ def place(
       member costs a real member's work: on a CPU it takes a core from the real one). Across
       processes (`jax.distributed`) every row stays in, so that every process takes part.
     * `requested` (`--population-size`) members per wave, rounded up to the member devices.
-    * Where `probe` can time the compiled step (the per-step loop of a CPU, in one process),
+    * Where `probe` can time the compiled step (a CPU, in one process),
       the layouts are weighed by what they cost, compiling included, so that a phase is never
       slower than its members one at a time: `_timed_choice`. With `ahead` (compiling a
       phase's programs ahead, `runner.compile_ahead`, where nothing can be timed), the

@@ -428,8 +428,9 @@ def _probe(phase: Phase, engines, pending: list[_Run], data: DeviceData, size: i
 
 
 def _timed_steps(phase: Phase, runs) -> int | None:
-    """The member-steps `engine.place` weighs layouts by, or None where a call runs a whole
-    scanned chunk (nothing to time: the layout comes from memory alone)."""
+    """The member-steps `engine.place` weighs layouts by, or None where every call runs a
+    whole scanned chunk by rule (accelerators, or `use_scan=True`: nothing is timed, the
+    layout comes from memory alone). On CPU a probe times a step, or a scanned chunk."""
     scans = engine.default_use_scan() if phase.use_scan is None else phase.use_scan
     return None if scans else sum(_remaining_steps(phase, r) for r in runs)
 
@@ -450,8 +451,8 @@ def compile_ahead(
     the phase starts from need not exist yet), since programs depend on shapes only; the
     phase then finds its programs compiled. The placement is chosen as `run` chooses it but
     without timed probes (timings taken beside a running phase mean nothing): where `run`
-    times its probe (the per-step loop of a CPU) it may choose another layout, and compile
-    that; on accelerators (scanned chunks) it chooses this one."""
+    times its probe (a CPU) it may choose another layout, and compile that; on accelerators
+    (untimed) it chooses this one."""
     timer = engine.Timer()
     runs = [_Run(i, m) for i, m in enumerate(members)]
 

@@ -413,7 +413,8 @@ def run_study(
       fitting and with Python's work between steps. Where a CPU phase times layouts
       (`engine.place`), the thread compiles its fallback (one member at a time on one device,
       the layout timed first); another layout the phase chooses, it compiles itself.
-    use_scan: scanned chunks or one call per step (default: the engine's, by backend).
+    use_scan: scanned chunks or one call per step (default: the engine's, by backend and, on
+      CPU, by each program's convolutions: `engine.default_use_scan`).
     originals: `{seed: variables}` of trained originals to start from, one for every seed of
       `runs` (checked by the caller, `camu_jax.compare`): no original phase runs, their
       `seconds` are None, and the methods' checkpoints in `store` name their digest.
