@@ -8,10 +8,11 @@ run. Plans are padded to the longest member: a step whose plan row holds no real
 leaves its member's state bit-identical (a select, not an update), so members of different
 lengths, and waves of members, share one compiled program.
 
-On accelerators a chunk of steps is one `lax.scan`. On CPU too, where the program computes no
-XLA convolution (the digits CNN's layers, a population's patch-matrix convolutions); a program
-that does runs each step as its own jitted call, because XLA:CPU runs convolutions inside a
-`while` loop 10-17x slower (the MNIST CNN's training step: 76 against 4.5 ms).
+On accelerators a chunk of steps is one `lax.scan`. On CPU too, where the program runs one
+member per device and computes no XLA convolution (the digits CNN, whose small layers run as
+patch-matrix products); other programs run each step as its own jitted call, because XLA:CPU
+runs convolutions, and a stacked population's large products, inside a `while` loop slower
+(`default_use_scan`).
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ Plan = dict[str, np.ndarray]  # name -> [members, steps, batch] (host)
 
 def default_use_scan() -> bool | None:
     """True on accelerators: a scanned chunk of steps per launch. None on CPU: per program
-    (`Engine`), a scanned chunk where it computes no XLA convolution, one jitted call per step
-    where it does (XLA:CPU runs convolutions inside a `while` loop 10-17x slower: the MNIST
-    CNN's training step took 76 against 4.5 ms). Without convolutions the scan is the faster:
-    the digits CNN's training in the engine, 2 CPU devices, one member each, 0.48 against 1.0
-    ms a member-step; one member on one device 0.80 against 1.03 ms (2026-12-07)."""
+    (`Engine`), a scanned chunk where it runs one member per device and computes no XLA
+    convolution, one jitted call per step otherwise. XLA:CPU runs convolutions inside a
+    `while` loop 10-17x slower (the MNIST CNN's training step: 76 against 4.5 ms), and a
+    stacked population's patch-matrix products slower too (MNIST, 2 members on each of 2
+    devices: 29 against 15 ms a member-step). Without either, the scan is the faster: the
+    digits CNN's training in the engine, one member on each of 2 CPU devices, 0.48 against
+    1.0 ms a member-step; one member on one device 0.80 against 1.03 ms (2026-12-07)."""
     return None if jax.default_backend() == "cpu" else True
 
 
@@ -234,10 +237,12 @@ class Engine:
     def _program(self, state, shared, member, plan: Plan):
         """`(compiled, scanned, args, compile seconds)` of the program that runs `plan`: the
         scan over the chunk, or the loop step (with its first row index); compiled ahead of
-        time once per signature, and kept. Undecided (CPU), the scan is lowered first and
-        kept unless it holds an XLA convolution."""
+        time once per signature, and kept. Undecided (CPU), one member per device: the scan
+        is lowered first and kept unless it holds an XLA convolution."""
         width = jax.tree.leaves(state)[0].shape[0]
         scan = self.scans(width)
+        if scan is None and width > sharding.member_devices(self.mesh):
+            scan = self._scans[width] = False  # stacked members: see `default_use_scan`
         fn, args = self._args(scan is not False, state, shared, member, plan)
         key = _signature(fn, args)
         if key not in self._aot:
