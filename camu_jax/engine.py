@@ -9,10 +9,9 @@ leaves its member's state bit-identical (a select, not an update), so members of
 lengths, and waves of members, share one compiled program.
 
 On accelerators a chunk of steps is one `lax.scan`. On CPU too, where the program runs one
-member per device and computes no XLA convolution (the digits CNN, whose small layers run as
-patch-matrix products); other programs run each step as its own jitted call, because XLA:CPU
-runs convolutions, and a stacked population's large products, inside a `while` loop slower
-(`default_use_scan`).
+member on each of several devices and computes no XLA convolution (the digits CNN, whose
+small layers run as patch-matrix products); other programs run each step as its own jitted
+call (`default_use_scan`: XLA:CPU runs convolutions inside a `while` loop 10-17x slower).
 """
 
 from __future__ import annotations
@@ -46,13 +45,16 @@ Plan = dict[str, np.ndarray]  # name -> [members, steps, batch] (host)
 
 def default_use_scan() -> bool | None:
     """True on accelerators: a scanned chunk of steps per launch. None on CPU: per program
-    (`Engine`), a scanned chunk where it runs one member per device and computes no XLA
-    convolution, one jitted call per step otherwise. XLA:CPU runs convolutions inside a
-    `while` loop 10-17x slower (the MNIST CNN's training step: 76 against 4.5 ms), and a
-    stacked population's patch-matrix products slower too (MNIST, 2 members on each of 2
-    devices: 29 against 15 ms a member-step). Without either, the scan is the faster: the
-    digits CNN's training in the engine, one member on each of 2 CPU devices, 0.48 against
-    1.0 ms a member-step; one member on one device 0.80 against 1.03 ms (2026-12-07)."""
+    (`Engine`), a scanned chunk where it runs one member on each of several devices and
+    computes no XLA convolution, one jitted call per step otherwise. There a call per step
+    waits for every device at every step, and the scan halves a member-step: the digits
+    CNN's training in the engine, one member on each of 2 CPU devices, 0.48 against 1.0 ms
+    (2026-12-07). Elsewhere the loop: XLA:CPU runs convolutions inside a `while` loop 10-17x
+    slower (the MNIST CNN's training step: 76 against 4.5 ms), a stacked population's
+    patch-matrix products slower too (MNIST, 2 members on each of 2 devices: 29 against 15
+    ms a member-step), and one member on one device gains little (digits training 0.80
+    against 1.03 ms in whole chunks, while the loop skips a chunk's padding rows and
+    compiles faster: `--methods all` compiled 15 % more as scans, its phases no faster)."""
     return None if jax.default_backend() == "cpu" else True
 
 
@@ -141,9 +143,10 @@ class Engine:
     def __init__(self, program: Program, mesh: Mesh, *, use_scan: bool | None = None):
         self.mesh = mesh
         # True, False, or None: per program, by its convolutions (`default_use_scan`), decided
-        # once per wave width (the convolution form depends on the members per device)
+        # once per signature of the state and data (the convolution form depends on the
+        # members per device and the input shapes)
         self.use_scan = default_use_scan() if use_scan is None else use_scan
-        self._scans: dict[int, bool] = {}
+        self._scans: dict[tuple, bool] = {}
         # On jax 0.10.2, fake CPU devices can deadlock in a collective (XLA may insert one
         # even without a data axis) unless every step is waited for.
         self.sync = sharding.needs_sync(mesh)
@@ -231,25 +234,31 @@ class Engine:
         return self._one, (state, shared, member, on_device, np.int32(0))
 
     def scans(self, members: int) -> bool | None:
-        """Whether a wave of `members` runs scanned chunks (None: not decided yet)."""
-        return self.use_scan if self.use_scan is not None else self._scans.get(members)
+        """Whether a wave of `members` runs scanned chunks (None: not decided yet; the last
+        decision for that many members, where several data shapes ran)."""
+        if self.use_scan is not None:
+            return self.use_scan
+        found = [v for (width, _), v in self._scans.items() if width == members]
+        return found[-1] if found else None
 
     def _program(self, state, shared, member, plan: Plan):
         """`(compiled, scanned, args, compile seconds)` of the program that runs `plan`: the
         scan over the chunk, or the loop step (with its first row index); compiled ahead of
-        time once per signature, and kept. Undecided (CPU), one member per device: the scan
-        is lowered first and kept unless it holds an XLA convolution."""
+        time once per signature, and kept. Undecided (CPU), one member on each of several
+        devices: the scan is lowered first and kept unless it holds an XLA convolution."""
         width = jax.tree.leaves(state)[0].shape[0]
-        scan = self.scans(width)
-        if scan is None and width > sharding.member_devices(self.mesh):
-            scan = self._scans[width] = False  # stacked members: see `default_use_scan`
+        decision = (width, _signature(None, (state, shared, member))[1:])
+        scan = self.use_scan if self.use_scan is not None else self._scans.get(decision)
+        rows = sharding.member_devices(self.mesh)
+        if scan is None and (width > rows or rows == 1):
+            scan = self._scans[decision] = False  # see `default_use_scan`
         fn, args = self._args(scan is not False, state, shared, member, plan)
         key = _signature(fn, args)
         if key not in self._aot:
             t = time.perf_counter()
             lowered = fn.lower(*args)
             if scan is None:
-                scan = self._scans[width] = "convolution" not in lowered.as_text()
+                scan = self._scans[decision] = "convolution" not in lowered.as_text()
                 if not scan:
                     fn, args = self._args(False, state, shared, member, plan)
                     key = _signature(fn, args)

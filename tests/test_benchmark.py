@@ -467,3 +467,19 @@ def test_compile_rows_count_programs_compiled_ahead_with_their_phase():
     }
     totals = compile_part.totals([row], wall=5.0)
     assert totals["ahead_s"] == 3.0 and totals["compile_share"] == pytest.approx(0.25)
+
+
+def test_layouts_bound_is_the_best_population_over_the_default_one_at_a_time():
+    from experiments.benchmark.layouts_cpu import bound
+
+    rates = {
+        "one_device": {"scan": 1250.0, "loop": 970.0},
+        "one_per_device": {"scan": 2080.0, "loop": 1000.0},
+        "stacked": {"scan": 1640.0, "loop": 1400.0},
+    }
+    # One at a time in the form the default path runs it; one_device's own rates never count
+    # as a population's.
+    assert bound(rates, "scan") == 2080.0 / 1250.0
+    assert bound(rates, "loop") == 2080.0 / 970.0
+    rates["one_device"]["loop"] = 5000.0
+    assert bound(rates, "scan") == 2080.0 / 1250.0

@@ -106,6 +106,22 @@ def test_few_members_spread_only_when_it_pays_back_the_compile(report):
     assert (slow["member_devices"], slow["wave_size"], slow["padding_members"]) == (1, 1, 0)
 
 
+def test_steps_are_scanned_only_one_member_a_device_without_xla_convolutions(report):
+    # On CPU (`engine.default_use_scan`): one call per step waits for every device at every
+    # step, so one member on each of several devices runs scanned chunks where the program
+    # has no XLA convolution (digits: patch-matrix products). One member on one device, a
+    # stacked wave, and a program with XLA convolutions (MNIST's, one member a device) keep
+    # the call per step.
+    assert report["step_forms"] == {
+        "8_one_device": "loop",
+        "8_per_device": "scan",
+        "8_stacked": "loop",
+        "28_one_device": "loop",
+        "28_per_device": "loop",
+        "28_stacked": "loop",
+    }
+
+
 def test_a_phase_of_no_members_is_refused(report):
     assert "at least one member" in report["zero_error"] and "0" in report["zero_error"]
 

@@ -171,15 +171,14 @@ def test_a_study_compiles_its_step_programs_and_nothing_else(tmp_path):
         assert set(programs(phase)) <= allowed, (phase, phases[phase])
     # The original: the model's initialisation and its step; its training state (the
     # weights, the optimizer's zeros) is built on the host (`engine.host_eval`), no program.
-    # The retrain reuses both. The digits CNN computes no XLA convolution (its layers run as
-    # patch-matrix products on CPU), so its steps run as scanned chunks
-    # (`engine.default_use_scan`): one program a step function, the scan's lowering alone.
-    assert programs("original") == {"jit(init)": 1, "jit(scan)": 1}
+    # The retrain reuses both. One member on one device: a call per step (`jit(loop)`;
+    # `engine.default_use_scan`).
+    assert programs("original") == {"jit(init)": 1, "jit(loop)": 1}
     assert programs("retrain") == {}
     # FT, GA and RL: their steps alone (their SGD states built on the host).
-    assert programs("ft") == {"jit(scan)": 1}
-    assert programs("ga") == {"jit(scan)": 1}
-    assert programs("rl") == {"jit(scan)": 1}
+    assert programs("ft") == {"jit(loop)": 1}
+    assert programs("ga") == {"jit(loop)": 1}
+    assert programs("rl") == {"jit(loop)": 1}
     # Evaluation: train and test joined in host memory (a CPU's devices' own), one forward
     # pass over both.
     assert programs("evaluation") == {"jit(one)": 1}

@@ -37,6 +37,39 @@ def fake_probe(
     return probe
 
 
+def step_forms() -> dict:
+    """Which step form (`engine.default_use_scan`) the CNN's training takes per layout: 8x8
+    images (digits: patch-matrix products, no XLA convolution) and 28x28 (MNIST: XLA
+    convolutions for one member a device); one epoch of 64 random items per member."""
+    import numpy as np
+
+    from camu_jax.data.pipeline import DeviceData, InputSpec
+    from camu_jax.models import create_model, init_variables
+    from camu_jax.training import TrainConfig, train_engine, train_population
+
+    model = create_model("cnn", num_classes=10)
+    config = TrainConfig(epochs=1)
+    rng = np.random.default_rng(0)
+    forms = {}
+    for side in (8, 28):
+        images = rng.integers(0, 256, (64, side, side, 1)).astype(np.uint8)
+        labels = np.arange(64) % 10
+        for name, rows, members in (("one_device", 1, 1), ("per_device", 2, 2), ("stacked", 2, 4)):
+            mesh = sharding.make_mesh(jax.devices()[:rows], member_devices=rows)
+            data = DeviceData.put(images, labels, spec=InputSpec(), mesh=mesh)
+            inits = [
+                init_variables(model, jax.random.key(s), data.input_shape) for s in range(members)
+            ]
+            train_population(
+                model, inits, data=data, items=[np.arange(64)] * members,
+                seeds=list(range(members)), config=config, population_size=members,
+                progress=False,
+            )  # fmt: skip
+            scans = train_engine(model, config, InputSpec(), mesh).scans(members)
+            forms[f"{side}_{name}"] = "scan" if scans else "loop"
+    return forms
+
+
 def main():
     assert jax.device_count() == 2
     mesh = sharding.make_mesh(member_devices=2)
@@ -99,6 +132,8 @@ def main():
         out["zero_error"] = None
     except ValueError as e:
         out["zero_error"] = str(e)
+
+    out["step_forms"] = step_forms()
 
     # A whole study of one run, as `python -m experiments.unlearn` runs it on two CPU devices:
     # every phase's recorded placement.
