@@ -33,9 +33,10 @@ print(json.dumps({**timer.compile_record(), "programs_built": timer.programs}))
 """
 
 
-def _tiny(cache: Path) -> dict:
+def _tiny(cache: Path, script: str = TINY) -> dict:
+    """`script`'s last printed JSON line, run in a fresh process with the cache dir `cache`."""
     proc = subprocess.run(
-        [sys.executable, "-c", TINY, str(cache)],
+        [sys.executable, "-c", script, str(cache)],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -87,18 +88,7 @@ def test_a_program_loaded_from_the_cache_costs_what_compiling_it_cost(tmp_path):
     # a warm run, which loads that program from the persistent cache in a fraction of the
     # time, must weigh them as its cold run did (the layouts it tries are then cached too).
     cache = tmp_path / "xla-cache"
-    runs = []
-    for _ in range(2):
-        proc = subprocess.run(
-            [sys.executable, "-c", SHARED, str(cache)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    first, second = runs
+    first, second = runs = [_tiny(cache, SHARED), _tiny(cache, SHARED)]
     assert first["programs_compiled"] == 1 and second["programs_loaded"] == 1, runs
     # The first run compiled it and recorded its seconds; the second loaded it and reports
     # those recorded seconds as its cost, not its own (the load's).
