@@ -773,8 +773,8 @@ def _timed_choice(
     in the cache then), and no others. Of the layouts timed, the fastest runs (their
     compilation is spent by then). So a phase too short to repay a compile runs exactly as
     one at a time, and a longer one the layout measured fastest. (Digits on two CPU devices:
-    20 CaMU runs, about 5 s of steps and 0.2 s to build each run's counterfactual
-    embeddings, could save at most 4.4 s against 2.3 x 4.6 s of compiling: one at a time.)
+    20 CaMU runs, about 6 s of steps and 0.2 s to build each run's counterfactual
+    embeddings, could save at most 5.9 s against 2.3 x 4.9 s of compiling: one at a time.)
     """
     one = submesh(mesh, 1)
     need, t1, c1, w1 = probe(one, 1, not ahead)
